@@ -1,0 +1,40 @@
+# Two commands on a fresh clone with only python3: `make book` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROFILE ?= cpu
+
+.PHONY: book test bench student screenshot lint clean help
+
+help:
+	@echo "make book      set up .venv, run every notebook for PROFILE=$(PROFILE), build _build/html"
+	@echo "make test      set up .venv and run the test suite"
+	@echo "make bench     run the benchmarks (benchmarks/results/)"
+	@echo "make student   write the student edition of the notebooks (student/)"
+
+# One stamp per extra: reinstall when pyproject.toml changes.
+$(VENV)/.installed-%: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e ".[$*]"
+	@touch $@
+
+book: $(VENV)/.installed-book
+	$(BIN)/referseg book --profile $(PROFILE)
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check referseg tests benchmarks
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m benchmarks.run
+
+student: $(VENV)/.installed-book
+	$(BIN)/referseg book --student
+
+screenshot: $(VENV)/.installed-test
+	$(BIN)/python -m referseg.screenshot _build/html
+
+clean:
+	rm -rf _build book/notebooks runs student

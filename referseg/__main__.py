@@ -1,0 +1,3 @@
+from referseg.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,233 @@
+"""Every hyperparameter of the study, named once, with the SPEC.md section it comes from.
+
+A :class:`Profile` is a frozen dataclass. The three profiles (``paper``, ``cpu``,
+``smoke``) change sizes, data and the backbone, never code paths. Ablations are
+profile overrides (``get_profile("cpu", spatial_channels=2)``), not forks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# SPEC 3: Caffe VGG-16 input: RGB on a 0-255 scale minus this mean, no std.
+CAFFE_MEAN = (123.68, 116.779, 103.939)
+# torchvision's ImageNet weights expect RGB in [0, 1] with this mean/std (SPEC 8);
+# expressed here on the 0-255 scale so every backbone normalises the same way.
+TORCHVISION_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+TORCHVISION_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# EfficientNet-Lite (TF-Lite family) inputs: (x - 127) / 128 on the 0-255 scale.
+LITE_MEAN = (127.0, 127.0, 127.0)
+LITE_STD = (128.0, 128.0, 128.0)
+
+BACKBONES = ("vgg16", "efficientnet_lite0", "slim_vgg16")
+TEXT_ENCODERS = ("lstm", "bow")
+LOWRES_LABELS = ("or", "nearest")
+EVAL_MODES = ("logits", "official")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage (SPEC 5): iteration count, step schedule and loss weights."""
+
+    iterations: int
+    lr: float  # SPEC 5: 0.01 in both stages
+    lr_step: int  # SPEC 5: lr *= lr_gamma every lr_step iterations
+    lr_gamma: float = 0.1  # SPEC 5: x0.1
+    pos_weight: float = 1.0  # SPEC 5: 1 in both stages
+    neg_weight: float = 1.0  # SPEC 5: 1 (stage 1), 1/3 (stage 2)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A complete, serialisable description of one run of the study."""
+
+    name: str
+    # --- data (SPEC 2, DESIGN "Profiles") ---
+    dataset: str = "referit"  # "referit" (refclef, splitBy berkeley) or "synthref"
+    data_root: str = "data/referit"
+    synth_images: int = 0  # SynthRef: images generated in all (0 for ReferIt)
+    synth_seed: int = 0
+    train_split: str = "trainval"  # SPEC 5: the paper trains on trainval
+    eval_split: str = "test"
+    vocab_file: str | None = None  # one token a line; None: build from the training split
+    vocab_min_count: int = 1  # SPEC 2: a vocabulary built from training is an accepted variant
+    seq_len: int = 20  # SPEC 2: keep the first T=20 tokens, left-pad with <pad>
+    # --- image (SPEC 3) ---
+    input_size: int = 512  # SPEC 3: letterbox to 512x512
+    pixel_mean: tuple[float, float, float] = TORCHVISION_MEAN  # SPEC 3, 8
+    pixel_std: tuple[float, float, float] = TORCHVISION_STD  # SPEC 8 (Caffe used std 1)
+    # --- visual features (SPEC 4) ---
+    backbone: str = "vgg16"  # one of BACKBONES
+    backbone_weights: str | None = "imagenet"  # "imagenet", a file path, or None (random)
+    stride: int = 32  # SPEC 4: s = 32 for VGG-16 (512 -> 16x16)
+    width_mult: float = 1.0  # slim VGG-16 only: channel width multiplier
+    fc6_kernel: int = 7  # SPEC 4: fc6 is a 7x7 conv, padding 3
+    d_fc: int = 4096  # SPEC 4: fc6/fc7 width
+    d_im: int = 1000  # SPEC 4: fc8 width = D_im
+    freeze_backbone: bool = True  # SPEC 5: conv1_1..conv5_3 frozen
+    cache_features: bool = True  # frozen convolutions are a fixed function of the image
+    # --- language (SPEC 4) ---
+    text_encoder: str = "lstm"  # one of TEXT_ENCODERS ("bow" is an ablation)
+    d_embed: int = 1000  # SPEC 4: word embedding 1000-d
+    d_text: int = 1000  # SPEC 4: LSTM hidden units = D_text
+    lstm_forget_bias: float = 1.0  # SPEC 4: TF forget_bias=1.0
+    # --- fusion and classifier (SPEC 4) ---
+    l2_normalize: bool = True  # SPEC 4: per-position L2 norm of text and visual vectors
+    spatial_channels: int = 8  # SPEC 4: 8 in the code, 2 in the paper, 0 ablation
+    d_cls: int = 500  # SPEC 4: 1x1 conv 2008 -> 500 -> 1
+    # --- training (SPEC 5) ---
+    batch_size: int = 10  # SPEC 5
+    momentum: float = 0.9  # SPEC 5
+    weight_decay: float = 5e-4  # SPEC 5: weights only, not biases nor the embedding
+    lowres_labels: str = "or"  # SPEC 5: a cell is positive if ANY pixel of its block is
+    stage1: StageConfig = field(
+        default_factory=lambda: StageConfig(iterations=30_000, lr=0.01, lr_step=10_000)
+    )  # SPEC 5, stage 1
+    stage2: StageConfig = field(
+        default_factory=lambda: StageConfig(
+            iterations=18_000, lr=0.01, lr_step=6_000, neg_weight=1 / 3
+        )
+    )  # SPEC 5, stage 2
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    # --- evaluation (SPEC 1) ---
+    eval_mode: str = "logits"  # "logits": undo letterbox on logits; "official": on the 0/1 map
+    eval_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check_choice("backbone", self.backbone, BACKBONES)
+        _check_choice("text_encoder", self.text_encoder, TEXT_ENCODERS)
+        _check_choice("lowres_labels", self.lowres_labels, LOWRES_LABELS)
+        _check_choice("eval_mode", self.eval_mode, EVAL_MODES)
+        _check_choice("dataset", self.dataset, ("referit", "synthref"))
+        if self.spatial_channels not in (0, 2, 8):
+            raise ValueError(f"spatial_channels={self.spatial_channels}: use 8 (code), 2 (paper) or 0")
+        if self.input_size % self.stride:
+            raise ValueError(
+                f"input_size={self.input_size} is not a multiple of stride={self.stride}"
+            )
+
+    @property
+    def grid(self) -> int:
+        """Side of the low-resolution map (SPEC 4: 512 / 32 = 16)."""
+        return self.input_size // self.stride
+
+    def replace(self, **overrides: Any) -> Profile:
+        """A copy with some fields changed; ``stage1={"iterations": 10}`` merges into the stage."""
+        return _apply_overrides(self, overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Profile:
+        data = dict(data)
+        for stage in ("stage1", "stage2"):
+            if isinstance(data.get(stage), dict):
+                data[stage] = StageConfig(**data[stage])
+        for key in ("pixel_mean", "pixel_std"):
+            if key in data:
+                data[key] = tuple(data[key])
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown profile fields {sorted(unknown)}; valid: {field_names()}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        """Write the profile as JSON (atomically)."""
+        from referseg.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Profile)]
+
+
+def _apply_overrides(profile: Profile, overrides: dict[str, Any]) -> Profile:
+    valid = field_names()
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key not in valid:
+            raise ValueError(f"unknown profile parameter {key!r}; valid parameters: {', '.join(valid)}")
+        if key in ("stage1", "stage2") and isinstance(value, dict):
+            stage = getattr(profile, key)
+            stage_fields = [f.name for f in dataclasses.fields(StageConfig)]
+            bad = set(value) - set(stage_fields)
+            if bad:
+                raise ValueError(f"unknown {key} parameters {sorted(bad)}; valid: {', '.join(stage_fields)}")
+            value = dataclasses.replace(stage, **value)
+        changes[key] = value
+    return dataclasses.replace(profile, **changes)
+
+
+PAPER = Profile(name="paper")  # SPEC 2-5 exactly; ImageNet VGG-16 on ReferIt at 512
+
+# DESIGN "Profiles": SynthRef on two CPU cores, the whole book within 10 minutes.
+# Pretrained EfficientNet-Lite0 convolutions (frozen, cached) at stride 16 on a
+# 256 input keep the paper's 16x16 grid; the layers above them are the paper's at
+# smaller widths.
+CPU = Profile(
+    name="cpu",
+    dataset="synthref",
+    data_root="data/synthref",
+    synth_images=600,
+    train_split="train",
+    eval_split="test",
+    input_size=256,
+    pixel_mean=LITE_MEAN,
+    pixel_std=LITE_STD,
+    backbone="efficientnet_lite0",
+    stride=16,
+    fc6_kernel=3,
+    d_fc=512,
+    d_im=256,
+    d_embed=256,
+    d_text=256,
+    d_cls=128,
+    stage1=StageConfig(iterations=1500, lr=0.01, lr_step=1000),
+    stage2=StageConfig(iterations=600, lr=0.01, lr_step=400, neg_weight=1 / 3),
+    checkpoint_every=500,
+    log_every=25,
+)
+
+# Tests and CI: the same code paths in seconds.
+SMOKE = CPU.replace(
+    name="smoke",
+    data_root="data/synthref-smoke",
+    synth_images=24,
+    input_size=128,
+    d_fc=32,
+    d_im=32,
+    d_embed=32,
+    d_text=32,
+    d_cls=16,
+    stage1={"iterations": 20, "lr_step": 15},
+    stage2={"iterations": 10, "lr_step": 8},
+    checkpoint_every=10,
+    log_every=5,
+    eval_batch_size=8,
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (PAPER, CPU, SMOKE)}
+
+
+def get_profile(name: str, **overrides: Any) -> Profile:
+    """The named profile, with optional field overrides; unknown names list the valid ones."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}")
+    return PROFILES[name].replace(**overrides) if overrides else PROFILES[name]

@@ -1,0 +1,1 @@
+"""Data: REFER-format datasets (ReferIt, RefCOCO family, SynthRef), text and transforms."""
