@@ -1,0 +1,163 @@
+"""The whole model of SPEC 4, top to bottom: image + expression -> segmentation logits.
+
+    images (B,3,S,S) --backbone (frozen, SPEC 5)--> features --fc6/fc7/fc8--> visual (B,d_im,g,g)
+    tokens (B,T) --embedding + LSTM--> h_T (B,d_text), tiled over the g x g grid
+    [L2(text), L2(visual), spatial] --1x1 conv, ReLU, 1x1 conv--> low-res logits (B,g,g)
+    --deconv (bilinear init, trained)--> high-res logits (B,S,S)
+
+A logit > 0 is foreground (SPEC 1). The backbone's output is a fixed function of the
+image when it is frozen, so the trainer may cache ``backbone_features`` and pass
+``features=`` instead of ``images=``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from referseg.config import Profile
+from referseg.model.backbones import build_backbone, build_fc_head
+from referseg.model.language import LanguageEncoder
+
+
+def spatial_channels(grid: int, n: int) -> torch.Tensor:
+    """The (n, grid, grid) coordinate channels of SPEC 4; x varies along the last (width) axis.
+
+    n=8: the official code's [xmin, ymin, xmax, ymax, xctr, yctr, 1/W, 1/H], cell edges in [-1, 1];
+    n=2: the paper's (x, y) cell centres; n=0: none (ablation).
+    """
+    if n not in (0, 2, 8):
+        raise ValueError(f"spatial channels n={n}: use 8 (official code), 2 (paper) or 0 (ablation)")
+    edges = torch.arange(grid + 1, dtype=torch.float64) * 2 / grid - 1  # 2w/W - 1, w = 0..W
+    low, high = edges[:-1], edges[1:]
+    centre = (low + high) / 2
+    ones = torch.ones(grid, grid, dtype=torch.float64)
+
+    def along_x(values: torch.Tensor) -> torch.Tensor:
+        return values[None, :] * ones
+
+    def along_y(values: torch.Tensor) -> torch.Tensor:
+        return values[:, None] * ones
+
+    if n == 8:
+        channels = [along_x(low), along_y(low), along_x(high), along_y(high),
+                    along_x(centre), along_y(centre), ones / grid, ones / grid]  # fmt: skip
+    elif n == 2:
+        channels = [along_x(centre), along_y(centre)]
+    else:
+        return torch.zeros(0, grid, grid)
+    return torch.stack(channels).float()
+
+
+def bilinear_kernel(stride: int) -> torch.Tensor:
+    """(2s, 2s) bilinear upsampling kernel outer(f, f), f = [0, 1/s, ..., 1, ..., 1/s] (SPEC 4)."""
+    f = 1 - (torch.arange(2 * stride, dtype=torch.float64) - stride).abs() / stride  # peak 1 at index s
+    return torch.outer(f, f).float()
+
+
+class Segmenter(nn.Module):
+    """Hu et al. (2016): segmentation logits from an image and a referring expression (SPEC 4)."""
+
+    def __init__(self, profile: Profile, vocab_size: int):
+        super().__init__()
+        self.profile = profile
+        self.frozen_backbone = profile.freeze_backbone
+        # Visual features (SPEC 4): convolutions, frozen in SPEC 5, then trained fc6-fc8.
+        self.backbone = build_backbone(profile)
+        if self.backbone.stride != profile.stride:
+            raise ValueError(
+                f"backbone {profile.backbone!r} has stride {self.backbone.stride} but the profile says "
+                f"stride={profile.stride}; set stride={self.backbone.stride} in the profile"
+            )
+        if self.frozen_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+        self.head = build_fc_head(profile, self.backbone.out_channels)
+        # Language (SPEC 4): embedding + LSTM, final hidden state.
+        self.text = LanguageEncoder(profile, vocab_size)
+        # Spatial channels (SPEC 4): a constant, rebuilt from the profile, so not saved.
+        self.register_buffer(
+            "spatial", spatial_channels(profile.grid, profile.spatial_channels), persistent=False
+        )
+        # Classifier (SPEC 4): 1x1 conv (d_text + d_im + n) -> d_cls, ReLU, 1x1 conv -> 1 logit.
+        fused_channels = profile.d_text + profile.d_im + profile.spatial_channels
+        self.classifier = nn.Sequential(
+            nn.Conv2d(fused_channels, profile.d_cls, kernel_size=1),
+            nn.ReLU(),
+            nn.Conv2d(profile.d_cls, 1, kernel_size=1),
+        )
+        # Upsampling (SPEC 4): 2s x 2s transposed conv, stride s, no bias, bilinear init, trained.
+        s = profile.stride
+        self.upsample = nn.ConvTranspose2d(1, 1, 2 * s, stride=s, padding=s // 2, bias=False)
+        with torch.no_grad():
+            self.upsample.weight.copy_(bilinear_kernel(s))
+
+    def train(self, mode: bool = True) -> Segmenter:
+        """As nn.Module.train, but a frozen backbone stays in eval mode (fixed features, SPEC 5)."""
+        super().train(mode)
+        if self.frozen_backbone:
+            self.backbone.eval()
+        return self
+
+    def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised images -> backbone features: what the trainer may cache."""
+        if self.frozen_backbone:
+            with torch.no_grad():
+                return self.backbone(images)
+        return self.backbone(images)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        images: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+        high_res: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, g, g), or (B, S, S) when ``high_res``; give exactly one of images / features."""
+        if (images is None) == (features is None):
+            raise ValueError("Segmenter.forward needs exactly one of images= or features=")
+        if features is None:
+            features = self.backbone_features(images)
+        visual = self.head(features)  # fc6-fc8: (B, d_im, g, g)
+        text = self.text(tokens)  # h_T: (B, d_text)
+        batch, _, height, width = visual.shape
+        if (height, width) != tuple(self.spatial.shape[1:]):
+            grid = self.spatial.shape[1]
+            raise ValueError(
+                f"visual feature map is {height}x{width} but the profile's grid is {grid}x{grid}; "
+                f"feed {self.profile.input_size}x{self.profile.input_size} images "
+                f"(profile {self.profile.name!r})"
+            )
+        if self.profile.l2_normalize:  # SPEC 4: each vector separately, over channels, per position
+            text = F.normalize(text, dim=1)
+            visual = F.normalize(visual, dim=1)
+        text_map = text[:, :, None, None].expand(-1, -1, height, width)  # tile over the grid
+        spatial = self.spatial.expand(batch, -1, -1, -1)  # not normalised (SPEC 4)
+        fused = torch.cat([text_map, visual, spatial], dim=1)
+        logits = self.classifier(fused)  # (B, 1, g, g)
+        if high_res:
+            logits = self.upsample(logits)  # (B, 1, S, S)
+        return logits[:, 0]
+
+
+def build_model(profile: Profile, vocab_size: int) -> Segmenter:
+    """The model a profile describes, for a vocabulary of ``vocab_size`` tokens."""
+    return Segmenter(profile, vocab_size)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """SGD parameter groups: weight decay on trainable weights only, not biases nor embeddings (SPEC 5)."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue  # frozen backbone: not optimised at all
+        if param.ndim >= 2 and id(param) not in embeddings:
+            decay.append(param)  # conv / LSTM / deconv weights
+        else:
+            no_decay.append(param)  # biases (1-d) and the word embedding
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
