@@ -1,0 +1,160 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Measured environment and timings
+#
+# This page is executed last by `referseg book`. It records the machine and the
+# software that produced this edition of the book, the seeds, and how long each
+# notebook and each cell took, read from the metadata papermill stores in the
+# executed notebooks (`book/notebooks/*.ipynb`). Nothing here is typed in by hand.
+
+# %% tags=["parameters"]
+profile = "cpu"
+run_dir = "runs/cpu"
+device = "auto"
+seed = 0
+overrides = {}
+
+# %% tags=["hide-input"]
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import torch
+
+import referseg
+from referseg.config import Profile, get_profile
+
+executed_dir = Path("book/notebooks")
+config_file = Path(run_dir) / "config.json"
+config = Profile.load(config_file) if config_file.exists() else get_profile(profile, **overrides)
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+# %% [markdown]
+# ## Environment and hardware
+
+# %% tags=["hide-input"]
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+environment = {
+    "referseg": referseg.__version__,
+    "python": sys.version.split()[0],
+    "platform": platform.platform(),
+    "CPU": f"{cpu_model()} ({os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads)",
+    "GPU": gpu,
+    **{name: version(name) for name in ("torch", "torchvision", "numpy", "opencv-python-headless",
+                                        "pycocotools", "papermill", "jupyter-book")},
+}
+pd.DataFrame(environment.items(), columns=["item", "value"]).set_index("item")
+
+# %% [markdown]
+# ## Profile and seeds
+#
+# The profile below is the one saved in the run folder when training wrote it, otherwise
+# the named profile with its overrides. Every random choice (SynthRef generation,
+# initialisation, batch order) derives from these seeds.
+
+# %% tags=["hide-input"]
+print(f"profile {config.name!r} with overrides {json.dumps(overrides)}; run folder {run_dir}; device {device}")
+pd.DataFrame({"seed (notebook parameter)": [seed], "profile seed": [config.seed],
+              "SynthRef seed": [config.synth_seed]})
+
+# %% [markdown]
+# ## Time per notebook
+
+# %% tags=["hide-input"]
+notebooks = {}
+for path in sorted(executed_dir.glob("[0-9][0-9]_*.ipynb")):
+    if path.stem != "99_appendix":
+        notebooks[path.stem] = nbformat.read(path, as_version=4)
+rows = []
+for name, nb in notebooks.items():
+    run = nb.metadata.get("papermill", {})
+    rows.append({"notebook": name, "started": (run.get("start_time") or "")[:19],
+                 "seconds": run.get("duration"), "cells": sum(c.cell_type == "code" for c in nb.cells),
+                 "profile": run.get("parameters", {}).get("profile")})
+per_notebook = pd.DataFrame(rows, columns=["notebook", "started", "seconds", "cells", "profile"])
+if per_notebook.empty:
+    print(f"no executed notebooks in {executed_dir} yet: run `referseg book` first")
+else:
+    print(f"all notebooks: {per_notebook['seconds'].sum():.1f} s")
+per_notebook.round(1)
+
+# %% [markdown]
+# ## Time per cell
+#
+# The slowest cells first; the complete table is folded below it.
+
+# %% tags=["hide-input"]
+cells = pd.DataFrame(
+    [{"notebook": name, "cell": index, "seconds": cell.metadata.get("papermill", {}).get("duration"),
+      "first line": next((line for line in cell.source.splitlines() if line.strip()), "")[:60]}
+     for name, nb in notebooks.items()
+     for index, cell in enumerate(nb.cells) if cell.cell_type == "code"],
+    columns=["notebook", "cell", "seconds", "first line"],
+)
+cells.sort_values("seconds", ascending=False).head(10).round(2)
+
+# %% tags=["hide-cell"]
+print(cells.round(2).to_string(index=False))
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Which notebook dominates the running time, and which cell inside it?
+#
+# ```{admonition} Solution
+# :class: dropdown
+#
+# Sort the two tables above by `seconds`. Training notebooks usually dominate; within them,
+# the cell that caches backbone features or runs the training loop.
+# ```
+#
+# 2. Re-run `referseg book` without changing anything. What happens to the timings on this page?
+#
+# ```{admonition} Solution
+# :class: dropdown
+#
+# Nothing: every notebook, this one included, is skipped because its source, its parameters
+# and the package are unchanged, so the page keeps the timings of the run that produced it.
+# ```
+#
+# 3. Two machines print different package versions above but the same seeds. Should the results match?
+#
+# ```{admonition} Solution
+# :class: dropdown
+#
+# Not bit for bit: the same seeds fix the random choices, but kernels (BLAS, cuDNN, OpenCV's
+# resize) may change between versions and devices. Expect agreement to within run-to-run noise,
+# and record versions (this page) whenever you report a number.
+# ```

@@ -1,0 +1,237 @@
+"""Run the chapter notebooks with papermill for one profile, then build the Jupyter Book.
+
+Conventions the notebooks follow (``notebooks/NN_name.py``, jupytext py:percent):
+- one cell tagged ``parameters`` assigns ``profile``, ``run_dir``, ``device``, ``seed``
+  and ``overrides`` (a dict of profile overrides); papermill injects the real values;
+- notebooks hand results to later ones through files in ``run_dir``, so when one
+  notebook re-runs, every later one re-runs too;
+- exercise solutions are cells tagged ``solution`` (code cells also ``hide-cell`` so the
+  book folds them; markdown ones are a ``{admonition}`` with ``:class: dropdown``). The
+  student edition replaces them with a placeholder and clears every output.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import referseg
+from referseg.config import Profile, get_profile
+from referseg.io import atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMETERS = ("profile", "run_dir", "device", "seed", "overrides")
+NOTEBOOK_GLOB = "[0-9][0-9]_*.py"
+EXECUTED_DIR = Path("book") / "notebooks"  # executed notebooks, relative to the root (git-ignored)
+PLACEHOLDERS = {"code": "# Your solution here.\n", "markdown": "*Your answer here.*"}
+
+
+def notebook_sources(root: Path) -> list[Path]:
+    """The chapter notebooks in execution order (their ``NN_`` prefix)."""
+    return sorted((root / "notebooks").glob(NOTEBOOK_GLOB))
+
+
+def read_notebook(path: Path) -> Any:
+    """A jupytext source as an in-memory notebook, without the jupytext pairing metadata."""
+    import jupytext
+
+    nb = jupytext.read(path)
+    nb.metadata.pop("jupytext", None)
+    return nb
+
+
+def parameter_names(nb: Any) -> set[str] | None:
+    """Names assigned in the cell tagged ``parameters``; None when there is no such cell."""
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            names = set()
+            for node in ast.parse(cell.source).body:
+                targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+                names |= {t.id for t in targets if isinstance(t, ast.Name)}
+            return names
+    return None
+
+
+def toc_notebooks(root: Path) -> list[str]:
+    """Names of the executed notebooks that ``_toc.yml`` lists, e.g. ``01_data``."""
+    import yaml
+
+    def files(node: Any) -> list[str]:
+        if isinstance(node, list):
+            return [f for item in node for f in files(item)]
+        if isinstance(node, dict):
+            own = [node["file"]] if "file" in node else []
+            return own + [f for value in node.values() for f in files(value)]
+        return []
+
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    prefix = EXECUTED_DIR.as_posix() + "/"
+    return [f.removeprefix(prefix).removesuffix(".ipynb") for f in files(toc) if f.startswith(prefix)]
+
+
+def check_sources(root: Path, sources: dict[Path, Any], with_toc: bool) -> None:
+    """Refuse notebooks without a complete parameters cell, and a TOC that disagrees with notebooks/."""
+    if not sources:
+        raise FileNotFoundError(f"no notebooks matching {root / 'notebooks' / NOTEBOOK_GLOB}")
+    for path, nb in sources.items():
+        names = parameter_names(nb)
+        missing = sorted(set(PARAMETERS) - (names or set()))
+        if missing:
+            raise ValueError(f"{path}: the cell tagged 'parameters' must assign {', '.join(PARAMETERS)}; "
+                             f"missing: {', '.join(missing) if names is not None else 'the whole cell'}")
+    if with_toc:
+        listed, present = toc_notebooks(root), [p.stem for p in sources]
+        if sorted(listed) != present:
+            raise ValueError(f"_toc.yml lists the notebooks {listed} but notebooks/ holds {present}; "
+                             f"make _toc.yml list every {EXECUTED_DIR.as_posix()}/<name> of notebooks/<name>.py")
+
+
+def check_data(profile: Profile, root: Path) -> None:
+    """Stop before the first notebook when the profile needs ReferIt and it is not there (cheap file checks)."""
+    if profile.dataset != "referit":
+        return  # SynthRef: the data notebook generates it
+    from referseg.data.refer import IMAGE_DIRS, OBTAIN_HINT, DatasetNotFoundError
+
+    data = root / profile.data_root
+    if any(data.glob("referit_query_*.json")) and (data / "mask").is_dir():
+        return  # the official implementation's format (SPEC 2)
+    needed = [data / "refclef" / "instances.json", data / "refclef" / "refs(berkeley).p", data / IMAGE_DIRS["refclef"]]
+    missing = [str(path.relative_to(root)) for path in needed if not path.exists()]
+    if missing:
+        raise DatasetNotFoundError(
+            f"profile {profile.name!r} needs the ReferIt dataset (refclef, split 'berkeley') under {data}, "
+            f"but it lacks {', '.join(missing)}; no notebook was run.\n{OBTAIN_HINT}")
+
+
+def fingerprint(source: str, parameters: dict[str, Any]) -> str:
+    """Hash of what a notebook's outputs depend on: its source, parameters and the package code."""
+    package = Path(referseg.__file__).parent
+    code = {p.relative_to(package).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(package.rglob("*.py"))}
+    blob = json.dumps([source, parameters, referseg.__version__, code], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def execute(nb: Any, output: Path, parameters: dict[str, Any], cwd: Path) -> float:
+    """Execute one notebook with papermill (python3 kernel, working directory ``cwd``); seconds taken."""
+    import papermill
+
+    start = time.perf_counter()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(nb, output, parameters=parameters, kernel_name="python3", language="python",
+                               cwd=cwd, progress_bar=True)
+    return time.perf_counter() - start
+
+
+def describe_failure(name: str, output: Path, err: Any, consequence: str = "the book was not built") -> str:
+    """Which notebook and which cell failed, and where the partly executed notebook is."""
+    first_line = next((line.strip() for line in err.source.splitlines() if line.strip()), "")
+    return (f"error: notebook {name} failed in cell {err.cell_index} (In [{err.exec_count}]: {first_line!r})"
+            f"\n  {err.ename}: {err.evalue}\n  the partly executed notebook is {output}; {consequence}")
+
+
+def build_book(profile: str = "cpu", overrides: dict[str, Any] | None = None, student: bool = False,
+               force: bool = False, build_html: bool = True, root: str | Path | None = None) -> int:
+    """Execute every notebook for ``profile`` (skipping unchanged ones), then build ``_build/html``.
+
+    ``student=True`` writes the student edition to ``student/`` instead and checks that it runs
+    under the smoke profile. ``root`` is the project folder (default: this repository).
+    Returns 0 on success, 1 when a notebook fails (the book is then not built).
+    """
+    from papermill.exceptions import PapermillExecutionError
+
+    root = Path(root or ROOT).resolve()
+    overrides = dict(overrides or {})
+    resolved = get_profile(profile, **overrides)  # ValueError naming the valid profiles / parameters
+    sources = {path: read_notebook(path) for path in notebook_sources(root)}
+    check_sources(root, sources, with_toc=build_html and not student)
+    if student:
+        return write_student_edition(root, sources)
+    check_data(resolved, root)
+
+    run_dir = f"runs/{profile}"
+    parameters = {"profile": profile, "run_dir": run_dir, "device": "auto", "seed": resolved.seed,
+                  "overrides": overrides}
+    rerun = force or not (root / run_dir).exists()  # outputs are worthless without their run folder
+    (root / run_dir).mkdir(parents=True, exist_ok=True)
+    total = time.perf_counter()
+    for path, nb in sources.items():
+        output = root / EXECUTED_DIR / f"{path.stem}.ipynb"
+        stamp_file = output.with_suffix(".stamp")
+        stamp = fingerprint(path.read_text(), parameters)
+        if not rerun and output.exists() and stamp_file.exists() and stamp_file.read_text().strip() == stamp:
+            print(f"{path.stem:<24} unchanged, skipped")
+            continue
+        rerun = True  # later notebooks read this one's files in the run folder
+        stamp_file.unlink(missing_ok=True)
+        try:
+            seconds = execute(nb, output, parameters, cwd=root)
+        except PapermillExecutionError as err:
+            print(describe_failure(path.stem, output, err), file=sys.stderr)
+            return 1
+        atomic_write_text(stamp_file, stamp + "\n")
+        print(f"{path.stem:<24} {seconds:7.1f} s")
+    print(f"{'notebooks':<24} {time.perf_counter() - total:7.1f} s in all ({profile} profile)")
+    return build_html_book(root) if build_html else 0
+
+
+def build_html_book(root: Path) -> int:
+    """``jupyter-book build``: warnings are errors, every page re-read, outputs rendered as stored."""
+    exe = Path(sys.executable).with_name("jupyter-book")
+    command = [str(exe) if exe.exists() else (shutil.which("jupyter-book") or "jupyter-book"), "build",
+               str(root), "--warningiserror", "--keep-going", "--all"]
+    start = time.perf_counter()
+    code = subprocess.run(command, cwd=root).returncode
+    print(f"{'jupyter-book build':<24} {time.perf_counter() - start:7.1f} s -> {root / '_build' / 'html'}")
+    if code:
+        print(f"error: jupyter-book build failed (exit {code}); see its warnings above", file=sys.stderr)
+    return code
+
+
+def student_notebook(nb: Any) -> Any:
+    """A copy without solutions (cells tagged ``solution`` become placeholders) and without outputs."""
+    import nbformat
+
+    nb = nbformat.from_dict(json.loads(json.dumps(nb)))
+    for index, cell in enumerate(nb.cells):
+        if "solution" in cell.metadata.get("tags", []):
+            make = nbformat.v4.new_code_cell if cell.cell_type == "code" else nbformat.v4.new_markdown_cell
+            cell = nb.cells[index] = make(PLACEHOLDERS.get(cell.cell_type, ""), metadata={"tags": ["answer"]})
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    return nb
+
+
+def write_student_edition(root: Path, sources: dict[Path, Any]) -> int:
+    """Write ``student/NN_name.ipynb`` and check that the edition still runs under the smoke profile."""
+    import nbformat
+    from papermill.exceptions import PapermillExecutionError
+
+    out_dir = root / "student"
+    out_dir.mkdir(exist_ok=True)
+    editions = {path.stem: student_notebook(nb) for path, nb in sources.items()}
+    for name, nb in editions.items():
+        atomic_write_text(out_dir / f"{name}.ipynb", nbformat.writes(nb))
+    print(f"student edition: {len(editions)} notebooks in {out_dir}; checking they run (smoke profile)")
+    check_dir = root / "_build" / "student-check"  # executed copies, kept for inspection
+    with tempfile.TemporaryDirectory(prefix="referseg-student-") as run_dir:
+        parameters = {"profile": "smoke", "run_dir": run_dir, "device": "auto",
+                      "seed": get_profile("smoke").seed, "overrides": {}}
+        for name, nb in editions.items():
+            output = check_dir / f"{name}.ipynb"
+            try:
+                seconds = execute(nb, output, parameters, cwd=root)
+            except PapermillExecutionError as err:
+                print(describe_failure(f"student/{name}", output, err, "the edition does not run"),
+                      file=sys.stderr)
+                return 1
+            print(f"{name:<24} {seconds:7.1f} s")
+    return 0
