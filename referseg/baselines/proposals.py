@@ -1,0 +1,273 @@
+"""Region and box proposals for the proposal baselines (SPEC 7), and GrabCut from a box.
+
+Everything here works on the letterboxed square at the proposal resolution ``R``
+(``Letterbox(h, w, R)``): proposals are boolean ``R x R`` masks, boxes are
+``[x0, y0, x1, y1)`` in its pixels, so a chosen proposal maps back to the original
+image with the same ``prediction_mask`` the model's logits use.
+
+Segment proposals stand in for the paper's MCG: Felzenszwalb's graph segmentation
+(scikit-image) and a greedy hierarchy of merges of adjacent segments by colour and size
+(as in selective search). Box proposals stand in for EdgeBox: sliding boxes at several
+scales and aspect ratios plus the bounding boxes of the segment proposals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from referseg.data.transforms import Letterbox
+
+GEOMETRY_FEATURES = 9  # x0, y0, x1, y1, xc, yc, w, h (in [-1, 1] over the image), area fraction
+
+
+@dataclass(frozen=True)
+class Content:
+    """Where the image lies in the ``size x size`` letterbox: rows top..top+height, cols left..left+width."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    size: int
+
+    @classmethod
+    def of(cls, height: int, width: int, size: int) -> Content:
+        box = Letterbox(height, width, size)
+        (top, left), (rh, rw) = box.pad, box.resized
+        return cls(top, left, rh, rw, size)
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
+
+
+def box_masks(boxes: np.ndarray, size: int) -> np.ndarray:
+    """(P, size, size) masks of integer boxes ``[x0, y0, x1, y1)``, vectorised."""
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    coords = np.arange(size)
+    inside_x = (coords[None, :] >= boxes[:, 0:1]) & (coords[None, :] < boxes[:, 2:3])  # (P, size)
+    inside_y = (coords[None, :] >= boxes[:, 1:2]) & (coords[None, :] < boxes[:, 3:4])
+    return inside_y[:, :, None] & inside_x[:, None, :]
+
+
+def mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """Tight integer boxes ``[x0, y0, x1, y1)`` of (P, H, W) masks; an empty mask gets (0, 0, 0, 0)."""
+    masks = np.asarray(masks, dtype=bool)
+    rows, cols = masks.any(axis=2), masks.any(axis=1)  # (P, H), (P, W)
+    boxes = np.zeros((len(masks), 4), dtype=np.int64)
+    has = rows.any(axis=1)
+    height, width = masks.shape[1:]
+    boxes[:, 0] = np.argmax(cols, axis=1)
+    boxes[:, 1] = np.argmax(rows, axis=1)
+    boxes[:, 2] = width - np.argmax(cols[:, ::-1], axis=1)
+    boxes[:, 3] = height - np.argmax(rows[:, ::-1], axis=1)
+    boxes[~has] = 0
+    return boxes
+
+
+def box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """IoU of each of (P, 4) boxes with one box, all ``[x0, y0, x1, y1)``."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    box = np.asarray(box, dtype=np.float64)
+    iw = np.clip(np.minimum(boxes[:, 2], box[2]) - np.maximum(boxes[:, 0], box[0]), 0, None)
+    ih = np.clip(np.minimum(boxes[:, 3], box[3]) - np.maximum(boxes[:, 1], box[1]), 0, None)
+    inter = iw * ih
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    union = area + (box[2] - box[0]) * (box[3] - box[1]) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def mask_iou(masks: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """IoU of each of (P, H, W) masks with one (H, W) mask (matrix products, no pixel loops)."""
+    flat = np.asarray(masks, dtype=np.float32).reshape(len(masks), -1)
+    target = np.asarray(mask, dtype=np.float32).reshape(-1)
+    inter = flat @ target
+    union = flat.sum(axis=1) + target.sum() - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def sliding_boxes(content: Content, scales: tuple[float, ...], aspects: tuple[float, ...],
+                  overlap: float = 0.5) -> np.ndarray:
+    """Boxes tiling the image at each scale (side = scale * sqrt(image area)) and aspect (w / h),
+    and the whole image."""
+    boxes = [(content.left, content.top, content.left + content.width, content.top + content.height)]
+    side = np.sqrt(content.height * content.width)
+    for scale in scales:
+        for aspect in aspects:
+            bw = int(round(min(content.width, side * scale * np.sqrt(aspect))))
+            bh = int(round(min(content.height, side * scale / np.sqrt(aspect))))
+            if bw < 2 or bh < 2:
+                continue
+            xs = _positions(content.width, bw, overlap)
+            ys = _positions(content.height, bh, overlap)
+            for y in ys:
+                for x in xs:
+                    boxes.append((content.left + x, content.top + y, content.left + x + bw, content.top + y + bh))
+    return np.unique(np.asarray(boxes, dtype=np.int64).reshape(-1, 4), axis=0)
+
+
+def _positions(extent: int, length: int, overlap: float) -> np.ndarray:
+    step = max(1, int(round(length * (1 - overlap))))
+    count = max(1, int(np.ceil((extent - length) / step)) + 1)
+    return np.linspace(0, extent - length, count).round().astype(np.int64)
+
+
+@dataclass(frozen=True)
+class SegmentProposals:
+    """Region proposals of one image, stored compactly as unions of segments.
+
+    ``labels`` is the (R, R) segment id of each letterbox pixel (-1 on the padding),
+    ``members`` the (P, segments) membership of each proposal.
+    """
+
+    labels: np.ndarray
+    members: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def masks(self, which: np.ndarray | slice | None = None) -> np.ndarray:
+        """(P, R, R) boolean masks (or those of ``which``)."""
+        members = self.members if which is None else self.members[which]
+        padded = np.concatenate([members, np.zeros((len(members), 1), dtype=bool)], axis=1)
+        return padded[:, self.labels]  # label -1 reads the all-False column
+
+
+def segment_proposals(square_image: np.ndarray, content: Content, scale: float, min_size: int,
+                      max_proposals: int, min_area: float = 0.002) -> SegmentProposals:
+    """Region proposals of a letterboxed uint8 image: segments and their merges.
+
+    Felzenszwalb (scikit-image) over the image's content gives the segments; adjacent
+    segments are then merged greedily, most similar first (mean colour, small sizes first),
+    and every merge is kept as a proposal, up to the whole image. Regions smaller than
+    ``min_area`` of the image are dropped; the first ``max_proposals`` are kept.
+    """
+    from skimage.segmentation import felzenszwalb
+
+    rows, cols = content.slices
+    crop = square_image[rows, cols]
+    segments = felzenszwalb(crop, scale=scale, sigma=0.5, min_size=min_size)
+    members = _merge_hierarchy(segments, crop)  # (P, n_segments) bool
+    sizes = np.bincount(segments.reshape(-1), minlength=members.shape[1]).astype(np.float64)
+    area = members.astype(np.float64) @ sizes / segments.size
+    members = members[area >= min_area][:max_proposals]
+    labels = np.full((content.size, content.size), -1, dtype=np.int32)
+    labels[rows, cols] = segments
+    return SegmentProposals(labels, members)
+
+
+def _merge_hierarchy(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Membership (P, n) of the segments and every greedy merge of two adjacent regions."""
+    n = int(labels.max()) + 1
+    flat = labels.reshape(-1)
+    size = np.bincount(flat, minlength=n).astype(np.float64)
+    colour = np.stack([np.bincount(flat, weights=image[..., c].reshape(-1).astype(np.float64), minlength=n)
+                       for c in range(3)], axis=1) / np.maximum(size, 1)[:, None]
+    pairs = np.concatenate([
+        np.stack([labels[:, :-1].reshape(-1), labels[:, 1:].reshape(-1)], axis=1),
+        np.stack([labels[:-1].reshape(-1), labels[1:].reshape(-1)], axis=1),
+    ])
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    codes = np.unique(pairs.min(axis=1).astype(np.int64) * n + pairs.max(axis=1))
+    neighbours: dict[int, set[int]] = {i: set() for i in range(n)}
+    for a, b in zip((codes // n).tolist(), (codes % n).tolist(), strict=True):
+        neighbours[a].add(b)
+        neighbours[b].add(a)
+    member = {i: np.eye(1, n, i, dtype=bool)[0] for i in range(n)}
+    sizes = {i: size[i] for i in range(n)}
+    colours = {i: colour[i] for i in range(n)}
+    total = float(size.sum())
+    proposals = [member[i] for i in range(n)]
+    next_id = n
+
+    def similarity(a: int, b: int) -> float:
+        colour_sim = 1.0 - float(np.sqrt(((colours[a] - colours[b]) ** 2).sum())) / (255.0 * np.sqrt(3))
+        size_sim = 1.0 - (sizes[a] + sizes[b]) / total
+        return colour_sim + size_sim
+
+    # Similarities of the current adjacent pairs; only the merged region's pairs change per step.
+    scores = {(a, b): similarity(a, b) for a in neighbours for b in neighbours[a] if a < b}
+    while scores:
+        a, b = max(scores, key=scores.__getitem__)
+        merged = next_id
+        next_id += 1
+        member[merged] = member[a] | member[b]
+        sizes[merged] = sizes[a] + sizes[b]
+        colours[merged] = (colours[a] * sizes[a] + colours[b] * sizes[b]) / sizes[merged]
+        neighbours[merged] = (neighbours.pop(a) | neighbours.pop(b)) - {a, b}
+        for c in neighbours[merged]:
+            neighbours[c] -= {a, b}
+            neighbours[c].add(merged)
+        scores = {pair: s for pair, s in scores.items() if a not in pair and b not in pair}
+        for c in neighbours[merged]:
+            scores[(c, merged)] = similarity(c, merged)
+        proposals.append(member[merged])
+    return np.stack(proposals)
+
+
+def geometry(boxes: np.ndarray, areas: np.ndarray, content: Content) -> np.ndarray:
+    """(P, 9) float32 box geometry relative to the image: corners and centre in [-1, 1], size, area fraction."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    x = (boxes[:, [0, 2]] - content.left) / content.width * 2 - 1
+    y = (boxes[:, [1, 3]] - content.top) / content.height * 2 - 1
+    out = np.stack([
+        x[:, 0], y[:, 0], x[:, 1], y[:, 1],
+        x.mean(axis=1), y.mean(axis=1),
+        (x[:, 1] - x[:, 0]) / 2, (y[:, 1] - y[:, 0]) / 2,
+        np.asarray(areas, dtype=np.float64) / (content.height * content.width),
+    ], axis=1)
+    return out.astype(np.float32)
+
+
+def grid_coverage(masks: np.ndarray, grid: int) -> np.ndarray:
+    """(P, grid, grid) fraction of each feature cell covered by each (P, R, R) mask (R a multiple of grid)."""
+    count, size = len(masks), masks.shape[-1]
+    if size % grid:
+        raise ValueError(f"proposal resolution {size} is not a multiple of the feature grid {grid}")
+    block = size // grid
+    return masks.reshape(count, grid, block, grid, block).mean(axis=(2, 4), dtype=np.float32)
+
+
+def box_coverage(boxes: np.ndarray, size: int, grid: int) -> np.ndarray:
+    """(P, grid, grid) fraction of each feature cell inside each box, from interval overlaps."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if size % grid:
+        raise ValueError(f"proposal resolution {size} is not a multiple of the feature grid {grid}")
+    block = size // grid
+    starts = np.arange(grid, dtype=np.float64) * block
+
+    def overlap(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:  # (P, grid)
+        return np.clip(np.minimum(hi[:, None], starts + block) - np.maximum(lo[:, None], starts), 0, None) / block
+
+    return (overlap(boxes[:, 1], boxes[:, 3])[:, :, None] * overlap(boxes[:, 0], boxes[:, 2])[:, None, :]
+            ).astype(np.float32)
+
+
+def grabcut(square_image: np.ndarray, box: np.ndarray, content: Content, iterations: int) -> np.ndarray:
+    """GrabCut (OpenCV) initialised with ``box`` on the letterboxed image; (R, R) bool foreground.
+
+    Falls back to the box itself when the box leaves no background to model (it covers
+    the whole image) or is too thin for GrabCut.
+    """
+    x0, y0, x1, y1 = (int(v) for v in box)
+    fallback = box_masks(np.array([[x0, y0, x1, y1]]), content.size)[0]
+    rows, cols = content.slices
+    crop = np.ascontiguousarray(square_image[rows, cols], dtype=np.uint8)
+    # The box in crop coordinates, kept one pixel inside the image so some background remains.
+    cx0, cy0 = max(x0 - content.left, 1), max(y0 - content.top, 1)
+    cx1, cy1 = min(x1 - content.left, content.width - 1), min(y1 - content.top, content.height - 1)
+    if cx1 - cx0 < 2 or cy1 - cy0 < 2:
+        return fallback
+    state = np.zeros(crop.shape[:2], dtype=np.uint8)
+    background, foreground = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    try:
+        cv2.grabCut(crop, state, (cx0, cy0, cx1 - cx0, cy1 - cy0), background, foreground,
+                    iterations, cv2.GC_INIT_WITH_RECT)
+    except cv2.error:
+        return fallback
+    out = np.zeros((content.size, content.size), dtype=bool)
+    out[rows, cols] = (state == cv2.GC_FGD) | (state == cv2.GC_PR_FGD)
+    return out
