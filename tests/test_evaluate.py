@@ -82,3 +82,116 @@ def test_shape_mismatch_names_the_index_and_both_shapes():
 def test_summarize_rejects_no_samples():
     with pytest.raises(ValueError, match="no samples"):
         summarize([], [])
+
+
+# --- the two evaluation modes on a real letterboxed case (SPEC 1) --------------------------------
+
+
+def test_official_mode_dilates_the_logits_mode_prediction(smoke_trained_run):
+    """Undoing the letterbox on the 0/1 map (official) keeps every pixel the logits mode keeps, and more."""
+    import cv2
+
+    from referseg.baselines.common import Run
+    from referseg.data.transforms import letterbox_mask, prediction_mask
+
+    run = Run(smoke_trained_run, device="cpu", progress=False)
+    data = run.split("test")
+    size = run.profile.input_size
+    grown = 0
+    for i in range(min(len(data), 5)):
+        target = data.original_mask(i)  # a real SynthRef region at its original size (e.g. 360 x 480)
+        height, width = target.shape
+        # smooth logits: positive inside the letterboxed region, negative outside, like a network's
+        square = cv2.GaussianBlur(np.where(letterbox_mask(target, size), 4.0, -4.0).astype(np.float32), (5, 5), 1.5)
+        by_logits = prediction_mask(square, height, width, "logits")
+        official = prediction_mask(square, height, width, "official")
+        assert by_logits.shape == official.shape == (height, width)
+        assert not (by_logits & ~official).any()  # official contains the logits-mode mask
+        assert official.sum() >= by_logits.sum()
+        grown += int(official.sum() - by_logits.sum())
+        # about one letterbox pixel of dilation: the extra pixels lie within one letterbox pixel
+        # (max(h, w) / S original pixels) of the logits-mode mask
+        reach = int(np.ceil(max(height, width) / size)) + 1
+        near = cv2.dilate(by_logits.astype(np.uint8), np.ones((2 * reach + 1, 2 * reach + 1), np.uint8)).astype(bool)
+        assert not (official & ~near).any()
+    assert grown > 0
+
+
+# --- evaluating a run folder ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_trained_run(tmp_path_factory):
+    """A smoke run trained for a few iterations of both stages on a tiny generated SynthRef."""
+    import torch
+
+    from referseg.config import get_profile
+    from referseg.train import train
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("evaluate")
+    profile = get_profile("smoke", data_root=str(root / "synthref"), synth_images=12, checkpoint_every=4,
+                          stage1={"iterations": 4, "lr_step": 4}, stage2={"iterations": 2, "lr_step": 2})
+    run_dir = root / "run"
+    train(profile, 1, run_dir, device="cpu", progress=False)
+    train(profile, 2, run_dir, device="cpu", progress=False)
+    return run_dir
+
+
+def test_evaluate_run_writes_per_sample_csv_and_summary_json(smoke_trained_run, capsys):
+    import json
+
+    import pandas as pd
+
+    from referseg.evaluate import evaluate_run
+    from referseg.predict import load_checkpoint, predict
+
+    table = evaluate_run(smoke_trained_run, split="test", device="cpu", progress=False)
+    assert list(table.index) == ["ours, low resolution", "ours, high resolution"]
+    assert list(table.columns) == ["P@0.5", "P@0.6", "P@0.7", "P@0.8", "P@0.9", "overall IoU", "mean IoU"]
+    assert "ours, high resolution" in capsys.readouterr().out
+    eval_dir = smoke_trained_run / "eval"
+    for method in ("ours-lowres", "ours-highres"):
+        frame = pd.read_csv(eval_dir / f"{method}_test.csv")
+        summary = json.loads((eval_dir / f"{method}_test.json").read_text())
+        assert summary["samples"] == len(frame) > 0 and summary["mode"] == "logits"
+        for column in ("ref_id", "ann_id", "image_id", "sent_id", "expression", "type", "region",
+                       "intersection", "union", "iou", "intersection_official", "union_official"):
+            assert column in frame.columns
+        assert set(frame["region"]) <= {"stuff", "thing"}
+        assert (frame["intersection"] <= frame["union"]).all()
+        # the summary is the metric of the per-sample counts, and the table shows it in percent
+        recomputed = frame["intersection"].sum() / frame["union"].sum()
+        assert summary["overall_iou"] == pytest.approx(recomputed)
+        assert table.loc[summary["label"], "overall IoU"] == pytest.approx(100 * recomputed, abs=0.01)
+        assert set(summary["by_mode"]) == {"logits", "official"}
+        # official mode's prediction contains the logits mode's, so neither I nor U can shrink
+        assert (frame["intersection_official"] >= frame["intersection"]).all()
+        assert (frame["union_official"] >= frame["union"]).all()
+    # the evaluation path agrees with predicting one pair from its image (features cached as float16)
+    frame = pd.read_csv(eval_dir / "ours-highres_test.csv")
+    model, profile, vocab = load_checkpoint(smoke_trained_run / "stage2" / "checkpoint.pt")
+    from referseg.baselines.common import Run
+
+    data = Run(smoke_trained_run, device="cpu", progress=False).split("test")
+    for i in range(3):
+        image = data.dataset.refer.load_image(data.pairs[i].image_id)
+        mask = predict(model, image, data.pairs[i].expression, vocab, profile)
+        target = data.original_mask(i)
+        inter, union = int((mask & target).sum()), int((mask | target).sum())
+        assert abs(inter - frame.loc[i, "intersection"]) <= 0.02 * max(union, 1) + 2
+        assert abs(union - frame.loc[i, "union"]) <= 0.02 * max(union, 1) + 2
+
+
+def test_a_run_without_checkpoint_says_which_stage_to_train(tmp_path, capsys):
+    from referseg.cli import main
+    from referseg.config import get_profile
+    from referseg.evaluate import evaluate_run
+
+    run_dir = tmp_path / "runs" / "smoke"
+    run_dir.mkdir(parents=True)
+    get_profile("smoke").save(run_dir / "config.json")
+    with pytest.raises(FileNotFoundError, match=r"referseg train --profile smoke --stage 1"):
+        evaluate_run(run_dir)
+    assert main(["evaluate", "--run", str(tmp_path / "nothing-here")]) == 2
+    assert "referseg train --profile cpu --stage 1" in capsys.readouterr().err
