@@ -1,0 +1,149 @@
+"""The feature cache: the frozen convolutions' output, computed once per image.
+
+With the pretrained convolutions frozen (SPEC 5), their output is a fixed function
+of the image, so training and evaluation read it from a memory-mapped ``.npy`` file
+instead of running the backbone again. The file is keyed by a hash of the backbone
+weights and of the preprocessing; any change to either builds a new file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from referseg.config import Profile
+from referseg.io import atomic_write_text
+
+CACHE_VERSION = 1  # bump when the file layout changes
+
+
+def weights_id(backbone: torch.nn.Module) -> str:
+    """A stable id of the backbone's weights: ``backbone.weights_id`` or a hash of its state_dict."""
+    declared = getattr(backbone, "weights_id", None)
+    if declared:
+        return str(declared)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(backbone.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def cache_key(profile: Profile, backbone: torch.nn.Module, image_ids: list[int], dtype: str) -> dict[str, Any]:
+    """Everything the cached features depend on: weights, preprocessing and the images."""
+    return {
+        "version": CACHE_VERSION,
+        "backbone": profile.backbone,
+        "weights": weights_id(backbone),
+        "width_mult": profile.width_mult,
+        "input_size": profile.input_size,  # SPEC 3: letterbox size
+        "pixel_mean": list(profile.pixel_mean),
+        "pixel_std": list(profile.pixel_std),
+        "stride": profile.stride,
+        "dataset": profile.dataset,
+        "data_root": str(Path(profile.data_root).resolve()),
+        "synth": [profile.synth_seed, profile.synth_images],  # SynthRef content at that root
+        "image_ids": hashlib.sha256(json.dumps(list(map(int, image_ids))).encode()).hexdigest(),
+        "num_images": len(image_ids),
+        "dtype": dtype,
+    }
+
+
+def _hash(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class FeatureCache:
+    """Backbone features of every image of a dataset, as an (images, C, h, w) memory map.
+
+    ``FeatureCache(model, dataset, profile, run_dir / "features").load()`` returns the array,
+    building it first (with a progress bar) when no file matches the current key.
+    Rows are indexed by the dataset's ``image_index``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        dataset: Any,
+        profile: Profile,
+        folder: str | Path,
+        dtype: str = "float16",
+        batch_size: int = 16,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ):
+        if dtype not in ("float16", "float32"):
+            raise ValueError(f"feature cache dtype {dtype!r}: use 'float16' or 'float32'")
+        self.model = model
+        self.dataset = dataset
+        self.folder = Path(folder)
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.progress = progress
+        self.key = cache_key(profile, model.backbone, list(dataset.image_ids), dtype)
+        self.name = f"{getattr(dataset, 'split', 'split')}-{_hash(self.key)}"
+        self.path = self.folder / f"{self.name}.npy"
+        self.sidecar = self.folder / f"{self.name}.json"
+
+    def is_valid(self) -> bool:
+        """True when a complete file for the current key exists."""
+        if not (self.path.is_file() and self.sidecar.is_file()):
+            return False
+        try:
+            meta = json.loads(self.sidecar.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return meta.get("key") == self.key
+
+    def load(self) -> np.ndarray:
+        """The features as a read-only memory map, built first if needed."""
+        if not self.is_valid():
+            self.build()
+        return np.load(self.path, mmap_mode="r")
+
+    @torch.no_grad()
+    def build(self) -> Path:
+        """Run the frozen backbone over every image and write the file atomically."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        count = len(self.dataset.image_ids)
+        was_training = self.model.training
+        self.model.eval()
+        fd, tmp_name = tempfile.mkstemp(dir=self.folder, prefix=f".{self.name}.", suffix=".npy.tmp")
+        os.close(fd)
+        array = None
+        try:
+            bar = tqdm(total=count, desc="features", unit="img", disable=not self.progress)
+            for start in range(0, count, self.batch_size):
+                stop = min(start + self.batch_size, count)
+                images = torch.stack([self.dataset.image_tensor(i) for i in range(start, stop)])
+                features = self.model.backbone_features(images.to(self.device)).float().cpu().numpy()
+                if array is None:
+                    array = np.lib.format.open_memmap(
+                        tmp_name, mode="w+", dtype=self.dtype, shape=(count, *features.shape[1:])
+                    )
+                array[start:stop] = features
+                bar.update(stop - start)
+            bar.close()
+            if array is None:
+                raise ValueError(f"no images to cache features for (split {getattr(self.dataset, 'split', '?')})")
+            array.flush()
+            shape = list(array.shape)
+            del array
+            os.replace(tmp_name, self.path)
+        except BaseException:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
+            raise
+        finally:
+            self.model.train(was_training)
+        atomic_write_text(self.sidecar, json.dumps({"key": self.key, "shape": shape}, indent=2) + "\n")
+        return self.path
