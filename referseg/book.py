@@ -111,12 +111,18 @@ def check_data(profile: Profile, root: Path) -> None:
             f"but it lacks {', '.join(missing)}; no notebook was run.\n{OBTAIN_HINT}")
 
 
-def fingerprint(source: str, parameters: dict[str, Any]) -> str:
-    """Hash of what a notebook's outputs depend on: its source, parameters and the package code."""
+def package_hash() -> str:
+    """Hash of the package's version and of every ``referseg/**/*.py`` source."""
     package = Path(referseg.__file__).parent
-    code = {p.relative_to(package).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(package.rglob("*.py"))}
-    blob = json.dumps([source, parameters, referseg.__version__, code], sort_keys=True, default=str)
+    digest = hashlib.sha256(referseg.__version__.encode())
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def fingerprint(source: str, parameters: dict[str, Any], package: str) -> str:
+    """Hash of what a notebook's outputs depend on: its source, its parameters and the package."""
+    blob = json.dumps([source, parameters, package], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -162,11 +168,11 @@ def build_book(profile: str = "cpu", overrides: dict[str, Any] | None = None, st
                   "overrides": overrides}
     rerun = force or not (root / run_dir).exists()  # outputs are worthless without their run folder
     (root / run_dir).mkdir(parents=True, exist_ok=True)
-    total = time.perf_counter()
+    package, total = package_hash(), time.perf_counter()
     for path, nb in sources.items():
         output = root / EXECUTED_DIR / f"{path.stem}.ipynb"
         stamp_file = output.with_suffix(".stamp")
-        stamp = fingerprint(path.read_text(), parameters)
+        stamp = fingerprint(path.read_text(), parameters, package)
         if not rerun and output.exists() and stamp_file.exists() and stamp_file.read_text().strip() == stamp:
             print(f"{path.stem:<24} unchanged, skipped")
             continue

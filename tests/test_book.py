@@ -1,0 +1,330 @@
+"""The book machinery: parameters cells, validation, papermill runs, skipping, failures,
+the student edition, the Jupyter Book build and its screenshot.
+
+Every run happens in a temporary copy of the book's files (``build_book(root=...)``), so
+the tests never touch a developer's ``book/notebooks``, ``runs`` or ``_build``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+from PIL import Image
+
+from referseg.book import (
+    PARAMETERS,
+    PLACEHOLDERS,
+    build_book,
+    notebook_sources,
+    package_hash,
+    parameter_names,
+    read_notebook,
+    toc_notebooks,
+)
+from referseg.screenshot import check_screenshot, default_page, find_chromium, table_with, take_screenshot
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMETERS_CELL = '''# %% tags=["parameters"]
+profile = "cpu"
+run_dir = "runs/cpu"
+device = "auto"
+seed = 0
+overrides = {}
+'''
+TINY_NOTEBOOK = '''# %% [markdown]
+# # A tiny chapter
+
+''' + PARAMETERS_CELL + '''
+# %%
+from pathlib import Path
+
+from referseg.config import get_profile
+
+config = get_profile(profile, **overrides)
+Path(run_dir, "tiny.txt").write_text(f"{config.name} {seed}")
+print(config.grid)
+
+# %% [markdown]
+# 1. How many cells does the grid have?
+
+# %% tags=["solution", "hide-cell"]
+answer_to_exercise_one = config.grid ** 2
+
+# %% [markdown] tags=["solution"]
+# ```{admonition} Solution
+# :class: dropdown
+#
+# The square of the side of the grid.
+# ```
+'''
+FAILING_NOTEBOOK = '''# %% [markdown]
+# # A chapter that fails
+
+''' + PARAMETERS_CELL + '''
+# %%
+value = 1
+
+# %%
+raise ValueError("deliberate failure for the test")
+
+# %%
+never_reached = True
+'''
+
+
+def make_project(dest: Path, notebooks: dict[str, str] | None = None) -> Path:
+    """The book's config and prose copied into ``dest`` with the repository's notebooks and TOC,
+    or with the given ``{name: jupytext source}`` notebooks and a TOC listing exactly those."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(REPO / name, dest / name)
+    (dest / "book").mkdir()
+    for path in [*(REPO / "book").glob("*.md"), REPO / "book" / "references.bib"]:
+        shutil.copy(path, dest / "book" / path.name)
+    (dest / "notebooks").mkdir()
+    if notebooks is None:
+        for path in notebook_sources(REPO):
+            shutil.copy(path, dest / "notebooks" / path.name)
+        return dest
+    for name, source in notebooks.items():
+        (dest / "notebooks" / f"{name}.py").write_text(source)
+    chapters = "".join(f"  - file: book/notebooks/{name}\n" for name in sorted(notebooks))
+    (dest / "_toc.yml").write_text(f"format: jb-book\nroot: book/intro\nchapters:\n{chapters}")
+    return dest
+
+
+def run_book(**kwargs) -> tuple[int, str]:
+    """build_book's return code and what it printed on stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = build_book(**kwargs)
+    return code, out.getvalue()
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (root / "book" / "notebooks").glob("*.ipynb")}
+
+
+# ---------------------------------------------------------------------------- sources (fast)
+
+
+def test_every_notebook_has_a_parameters_cell():
+    sources = notebook_sources(REPO)
+    assert sources, "no notebooks/NN_*.py found"
+    for path in sources:
+        names = parameter_names(read_notebook(path))
+        assert names is not None, f"{path.name} has no cell tagged 'parameters'"
+        assert set(PARAMETERS) <= names, f"{path.name}: parameters cell lacks {set(PARAMETERS) - names}"
+
+
+def test_toc_lists_exactly_the_notebooks():
+    assert sorted(toc_notebooks(REPO)) == [p.stem for p in notebook_sources(REPO)]
+
+
+# ---------------------------------------------------------------------------- validation (fast)
+
+
+def test_unknown_profile_is_refused_with_the_valid_ones(tmp_path):
+    root = make_project(tmp_path / "project", {"01_tiny": TINY_NOTEBOOK})
+    with pytest.raises(ValueError, match="unknown profile 'laptop'; valid profiles: paper, cpu, smoke"):
+        build_book(profile="laptop", root=root)
+    assert not (root / "book" / "notebooks").exists()
+
+
+def test_unknown_parameter_is_refused_with_the_valid_ones(tmp_path):
+    root = make_project(tmp_path / "project", {"01_tiny": TINY_NOTEBOOK})
+    with pytest.raises(ValueError, match=r"unknown profile parameter 'spatial_chanels'; valid parameters: .*spatial_channels"):
+        build_book(profile="smoke", overrides={"spatial_chanels": 2}, root=root)
+    assert not (root / "book" / "notebooks").exists()
+
+
+def test_paper_profile_without_referit_stops_before_the_first_notebook(tmp_path):
+    root = make_project(tmp_path / "project", {"01_tiny": TINY_NOTEBOOK})
+    with pytest.raises(FileNotFoundError) as error:
+        build_book(profile="paper", root=root)
+    message = str(error.value)
+    assert "refclef/instances.json" in message and "data/README.md" in message
+    assert not (root / "book" / "notebooks").exists() and not (root / "runs").exists()
+
+
+def test_notebook_without_a_complete_parameters_cell_is_refused(tmp_path):
+    incomplete = TINY_NOTEBOOK.replace("overrides = {}\n", "", 1)
+    root = make_project(tmp_path / "project", {"01_tiny": incomplete})
+    with pytest.raises(ValueError, match="01_tiny.py: the cell tagged 'parameters' must assign .*missing: overrides"):
+        build_book(profile="smoke", root=root)
+    assert not (root / "book" / "notebooks").exists()
+
+
+def test_toc_that_disagrees_with_the_notebooks_is_refused(tmp_path):
+    root = make_project(tmp_path / "project", {"01_tiny": TINY_NOTEBOOK})
+    (root / "notebooks" / "50_extra.py").write_text(FAILING_NOTEBOOK)
+    with pytest.raises(ValueError, match="_toc.yml lists the notebooks"):
+        build_book(profile="smoke", root=root)
+    assert not (root / "book" / "notebooks").exists()
+
+
+# ---------------------------------------------------------------------------- execution (slow)
+
+
+@pytest.mark.slow
+def test_a_failing_notebook_stops_the_run_and_the_book_is_not_built(tmp_path, capsys):
+    root = make_project(tmp_path / "project", {"00_fail": FAILING_NOTEBOOK, "01_tiny": TINY_NOTEBOOK})
+    code = build_book(profile="smoke", root=root)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "notebook 00_fail failed in cell" in err and "deliberate failure for the test" in err
+    assert "raise ValueError" in err  # the failing cell's first line
+    partial = nbformat.read(root / "book" / "notebooks" / "00_fail.ipynb", as_version=4)
+    assert partial.metadata.papermill.exception is True
+    assert not (root / "book" / "notebooks" / "00_fail.stamp").exists()
+    assert not (root / "book" / "notebooks" / "01_tiny.ipynb").exists(), "ran past the failure"
+    assert not (root / "_build").exists(), "built the book after a failure"
+
+
+def check_skips(root: Path) -> None:
+    code, out = run_book(profile="smoke", root=root, build_html=False)
+    assert code == 0 and "skipped" not in out
+    first = mtimes(root)
+    assert set(first) == {"01_tiny.ipynb", "02_tiny.ipynb"}
+    assert (root / "runs" / "smoke" / "tiny.txt").read_text() == "smoke 0"
+
+    code, out = run_book(profile="smoke", root=root, build_html=False)
+    assert code == 0 and out.count("unchanged, skipped") == 2
+    assert mtimes(root) == first
+
+    code, out = run_book(profile="smoke", overrides={"seed": 1}, root=root, build_html=False)
+    assert code == 0 and "skipped" not in out
+    executed = nbformat.read(root / "book" / "notebooks" / "02_tiny.ipynb", as_version=4)
+    assert executed.metadata.papermill.parameters["overrides"] == {"seed": 1}
+    assert (root / "runs" / "smoke" / "tiny.txt").read_text() == "smoke 1"
+
+    # an edited first notebook re-runs, and so does the unchanged one after it
+    source = root / "notebooks" / "01_tiny.py"
+    source.write_text(source.read_text() + "\n# %%\nprint('edited')\n")
+    before = mtimes(root)
+    code, out = run_book(profile="smoke", overrides={"seed": 1}, root=root, build_html=False)
+    assert code == 0 and "skipped" not in out
+    assert all(mtimes(root)[name] > before[name] for name in before)
+
+    # force re-runs what is unchanged; so does a deleted run folder
+    code, out = run_book(profile="smoke", overrides={"seed": 1}, root=root, build_html=False, force=True)
+    assert code == 0 and "skipped" not in out
+    shutil.rmtree(root / "runs")
+    code, out = run_book(profile="smoke", overrides={"seed": 1}, root=root, build_html=False)
+    assert code == 0 and "skipped" not in out
+
+
+@pytest.mark.slow
+def test_unchanged_notebooks_are_skipped_and_changes_rerun_them(tmp_path):
+    root = make_project(tmp_path / "project", {"01_tiny": TINY_NOTEBOOK, "02_tiny": TINY_NOTEBOOK})
+    package = package_hash()
+    try:
+        check_skips(root)
+    except AssertionError:
+        if package_hash() != package:  # another process edited referseg/ meanwhile: re-running was right
+            pytest.skip("referseg's sources changed while the test ran, so every notebook re-ran rightly")
+        raise
+
+
+@pytest.mark.slow
+def test_student_edition_has_no_solutions_or_outputs_and_still_runs(tmp_path):
+    root = make_project(tmp_path / "project", {"01_tiny": TINY_NOTEBOOK})
+    teacher = read_notebook(root / "notebooks" / "01_tiny.py")
+    solutions = [c for c in teacher.cells if "solution" in c.metadata.get("tags", [])]
+    assert len(solutions) == 2
+
+    code, out = run_book(profile="cpu", student=True, root=root)
+    assert code == 0, out
+    student = nbformat.read(root / "student" / "01_tiny.ipynb", as_version=4)
+    assert [c.cell_type for c in student.cells] == [c.cell_type for c in teacher.cells]
+    assert not [c for c in student.cells if "solution" in c.metadata.get("tags", [])]
+    text = "\n".join(c.source for c in student.cells)
+    assert "answer_to_exercise_one" not in text and "square of the side" not in text
+    assert text.count(PLACEHOLDERS["code"].strip()) == 1 and text.count(PLACEHOLDERS["markdown"]) == 1
+    assert all(not c.outputs and c.execution_count is None for c in student.cells if c.cell_type == "code")
+    checked = nbformat.read(root / "_build" / "student-check" / "01_tiny.ipynb", as_version=4)
+    assert checked.metadata.papermill.parameters["profile"] == "smoke"
+    assert not (root / "book" / "notebooks").exists(), "the student edition ran the book"
+
+
+@pytest.mark.slow
+def test_a_student_edition_that_no_longer_runs_is_reported(tmp_path, capsys):
+    uses_solution = TINY_NOTEBOOK + "\n# %%\nprint(answer_to_exercise_one)\n"
+    root = make_project(tmp_path / "project", {"01_tiny": uses_solution})
+    assert build_book(profile="cpu", student=True, root=root) == 1
+    err = capsys.readouterr().err
+    assert "student/01_tiny failed" in err and "NameError" in err
+
+
+@pytest.fixture(scope="module")
+def built_book(tmp_path_factory) -> tuple[Path, int, str]:
+    """Every notebook executed under the smoke profile, then the book built from those outputs."""
+    root = make_project(tmp_path_factory.mktemp("book") / "project")
+    code, out = run_book(profile="smoke", root=root)
+    return root, code, out
+
+
+@pytest.mark.slow
+def test_every_notebook_runs_under_smoke_and_the_book_builds_without_warnings(built_book):
+    root, code, out = built_book
+    assert code == 0, out  # jupyter-book ran with --warningiserror
+    html = root / "_build" / "html"
+    assert (html / "index.html").exists()
+    for path in notebook_sources(root):
+        executed = nbformat.read(root / "book" / "notebooks" / f"{path.stem}.ipynb", as_version=4)
+        papermill = executed.metadata.papermill
+        assert papermill.exception is not True
+        assert papermill.parameters == {"profile": "smoke", "run_dir": "runs/smoke", "device": "auto",
+                                        "seed": 0, "overrides": {}}
+        assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+        assert (html / "book" / "notebooks" / f"{path.stem}.html").exists()
+        assert re.search(rf"^{path.stem} +\d+\.\d s$", out, re.MULTILINE), out
+    for page in ("intro", "method", "data", "paper_profile", "teaching", "appendix", "bibliography"):
+        assert (html / "book" / f"{page}.html").exists()
+    bibliography = (html / "book" / "bibliography.html").read_text()
+    assert "Segmentation from Natural Language Expressions" in bibliography
+
+
+@pytest.mark.slow
+def test_appendix_reads_the_timings_of_the_executed_notebooks(built_book):
+    root, code, _ = built_book
+    assert code == 0
+    page = (root / "_build" / "html" / "book" / "notebooks" / "99_appendix.html").read_text()
+    executed = [p.stem for p in notebook_sources(root) if p.stem != "99_appendix"]
+    assert executed and all(name in page for name in executed)
+
+
+# ---------------------------------------------------------------------------- screenshot
+
+
+def test_table_check_finds_the_metric_only_inside_a_table():
+    assert table_with("<table><tr><th>overall_IoU</th></tr></table>")
+    assert table_with("<table><tr><td>Overall  IoU</td></tr></table>")
+    assert not table_with("<p>overall IoU</p><table><tr><td>precision</td></tr></table>")
+
+
+def test_blank_screenshot_is_reported(tmp_path):
+    page = tmp_path / "page.html"
+    page.write_text("<table><tr><td>overall IoU</td></tr></table>")
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((600, 800, 3), 255, np.uint8)).save(blank)
+    problems = check_screenshot(page, blank)
+    assert len(problems) == 1 and "looks blank" in problems[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_chromium() is None, reason="no Chromium installed (apt-get install -y chromium)")
+def test_screenshot_of_the_built_book_shows_its_table(built_book):
+    root, code, _ = built_book
+    assert code == 0
+    page = default_page(root / "_build" / "html")
+    png = take_screenshot(page, root / "_build" / "screenshots" / f"{page.stem}.png")
+    assert check_screenshot(page, png) == []
+    assert Image.open(png).size == (1280, 2400)
