@@ -103,8 +103,8 @@ def check_data(profile: Profile, root: Path) -> None:
     data = root / profile.data_root
     if any(data.glob("referit_query_*.json")) and (data / "mask").is_dir():
         return  # the official implementation's format (SPEC 2)
-    needed = [data / "refclef" / "instances.json", data / "refclef" / "refs(berkeley).p", data / IMAGE_DIRS["refclef"]]
-    missing = [str(path.relative_to(root)) for path in needed if not path.exists()]
+    needed = ["refclef/instances.json", "refclef/refs(berkeley).p", IMAGE_DIRS["refclef"]]
+    missing = [name for name in needed if not (data / name).exists()]
     if missing:
         raise DatasetNotFoundError(
             f"profile {profile.name!r} needs the ReferIt dataset (refclef, split 'berkeley') under {data}, "
@@ -154,7 +154,7 @@ def build_book(profile: str = "cpu", overrides: dict[str, Any] | None = None, st
     """
     from papermill.exceptions import PapermillExecutionError
 
-    root = Path(root or ROOT).resolve()
+    root = Path(root or (ROOT if (ROOT / "notebooks").is_dir() else Path.cwd())).resolve()
     overrides = dict(overrides or {})
     resolved = get_profile(profile, **overrides)  # ValueError naming the valid profiles / parameters
     sources = {path: read_notebook(path) for path in notebook_sources(root)}
