@@ -1,0 +1,244 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Baselines
+#
+# > *"We compare our method to the following baselines: [...] using the bounding box
+# > returned by a natural language object retrieval model [...] as foreground; [...] GrabCut
+# > on that box; [...] a per-word segmentation model [...]; classification over segmentation
+# > proposals [...]; and the whole image as foreground."*
+# > (paraphrasing {cite:t}`hu2016segmentation`, Section 4.1)
+#
+# The paper measures its model against methods that segment without reading the expression
+# as a whole, or that only retrieve a box. SPEC §7 describes them; the package implements
+# each with the model's interface (`fit` on the training split, logits or masks for a test
+# split), on the same frozen features the model uses:
+#
+# | baseline (SPEC §7) | here | the paper used |
+# |---|---|---|
+# | whole image | every pixel is foreground | the same |
+# | box retrieval, box as mask / GrabCut of the box | an SCRC-style scorer {cite}`hu2016natural` picks a box among sliding boxes and segment boxes; the box, or GrabCut {cite}`rother2004grabcut` initialised with it | SCRC on EdgeBox proposals {cite}`zitnick2014edge` |
+# | per-word segmentation | one map per vocabulary word from one FCN head; an expression's map is the mean (or the intersection) of its words' maps | a segmentation model per word |
+# | classification over segmentation proposals | the scorer picks one of the Felzenszwalb segments and their merges | MCG proposals {cite}`arbelaez2014multiscale` |
+#
+# Their sizes are not in the paper; `BaselineSettings` holds the ones used here. This
+# chapter fits each baseline once on the run's training split, draws what it does, and
+# evaluates it on the test split, writing `eval/<method>_<split>.csv` and `.json` to the run
+# folder, which the evaluation chapter reads.
+
+# %% tags=["parameters"]
+profile = "cpu"  # paper, cpu or smoke
+run_dir = "runs/cpu"  # where the notebooks hand their results to each other
+device = "auto"  # auto (CUDA when available), cpu or cuda
+seed = 0  # chooses the examples drawn
+overrides = {}  # profile overrides, e.g. {"spatial_channels": 2}
+baseline_settings = {}  # overrides of referseg.baselines.common.BaselineSettings, e.g. {"iterations": 200}
+examples = 4  # test pairs drawn for every baseline
+
+# %%
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from IPython.display import display
+
+from referseg import viz
+from referseg.baselines import BASELINES, build_baseline
+from referseg.baselines.common import BaselineSettings, Run
+from referseg.config import EVAL_MODES, get_profile
+from referseg.data.transforms import prediction_mask
+from referseg.evaluate import evaluate_stream, paper_table, save_method
+
+viz.setup_style()
+cfg = get_profile(profile, **overrides)
+run = Run(run_dir, device=device, progress=False)  # config.json and vocab.txt written by chapter 4
+if run.profile != cfg:
+    print(f"note: the run folder {run_dir} holds profile {run.profile.name!r}; its saved profile is used")
+# The smoke profile exists to run in seconds: fewer fitting steps and proposals (a choice of this book).
+quick = {"iterations": 30, "max_segments": 30} if run.profile.name == "smoke" else {}
+settings = BaselineSettings(**{**quick, **baseline_settings})
+train_data, test_data = run.split(run.profile.train_split), run.split(run.profile.eval_split)
+modes = tuple(dict.fromkeys([run.profile.eval_mode, *EVAL_MODES]))  # the primary mode first
+print(f"{run.profile.name} profile: fit on {run.profile.train_split} ({len(train_data)} pairs, "
+      f"{train_data.num_images} images), evaluate on {run.profile.eval_split} ({len(test_data)} pairs); {settings}")
+
+# %% [markdown]
+# ## Fitting and evaluating every baseline
+#
+# One loop: build, fit on the training split (the whole-image baseline learns nothing),
+# predict the test split's square logits, map each back to its image's original size
+# exactly as the model's (SPEC §1), and save the per-sample intersections and unions.
+
+# %%
+fitted, summaries, timing = {}, {}, []
+for name in BASELINES:
+    start = time.perf_counter()
+    baseline = build_baseline(name, run.profile, run.vocab, settings=settings, device=str(run.device), progress=False)
+    if baseline.learns:
+        baseline.fit(train_data)
+    fit_seconds = time.perf_counter() - start
+    counts = evaluate_stream(test_data, baseline.predict_logits(test_data), modes)
+    seconds = time.perf_counter() - start
+    extra = {"baseline": name, "fit_seconds": round(fit_seconds, 2), "fit_stats": getattr(baseline, "fit_stats", {})}
+    for variant, label in baseline.variants.items():
+        summaries[variant] = save_method(run, test_data, variant, label, counts[variant], modes[0],
+                                         seconds / len(baseline.variants), extra)
+    fitted[name] = baseline
+    timing.append({"baseline": name, "fit (s)": round(fit_seconds, 1), "fit + test (s)": round(seconds, 1),
+                   **{k: round(v, 3) for k, v in extra["fit_stats"].items()}})
+display(pd.DataFrame(timing).set_index("baseline"))
+paper_table(summaries)
+
+# %% [markdown]
+# All numbers are in % on this run's test split (the paper's table layout; the evaluation
+# chapter puts them beside our model). `best_overlap` is the mean IoU of the *best*
+# proposal for each training pair: the ceiling of a proposal method with a perfect scorer.
+#
+# ## What each baseline predicts
+#
+# The same test pairs for every baseline; the prediction is tinted red, the ground truth
+# outlined in green.
+
+# %% tags=["hide-input"]
+rng = np.random.default_rng(seed)
+chosen = np.sort(rng.choice(len(test_data), size=min(examples, len(test_data)), replace=False))
+targets = [test_data.original_mask(int(i)) for i in chosen]
+images = {int(i): test_data.dataset.refer.load_image(test_data.pairs[int(i)].image_id) for i in chosen}
+predictions = {}
+for name, baseline in fitted.items():
+    predictions.update(baseline.predict_masks(test_data, chosen))
+pictures, captions = [], []
+for row, i in enumerate(chosen):
+    pictures.append(viz.overlay(images[int(i)], targets[row], viz.GROUND_TRUTH))
+    captions.append(f'ground truth: "{test_data.pairs[int(i)].expression}"')
+    for variant, masks in predictions.items():
+        iou = (masks[row] & targets[row]).sum() / max((masks[row] | targets[row]).sum(), 1)
+        pictures.append(viz.compare_masks(images[int(i)], masks[row], targets[row]))
+        captions.append(f"{variant} (IoU {iou:.2f})")
+viz.image_grid(pictures, captions, ncols=1 + len(predictions), width=2.6);
+
+# %% [markdown]
+# ## Inside the baselines
+#
+# **Per-word segmentation** gives every word its own map. The expression's map combines
+# them, so "left" and "circle" each vote for their own cells; nothing models how the words
+# relate ("the circle left of the star").
+
+# %% tags=["hide-input"]
+per_word = fitted["per-word"]
+i = int(chosen[0])
+tokens = test_data.tokens[[i]].to(run.device)
+features = test_data.image_features([int(test_data.pair_image[i])]).to(run.device)
+with torch.no_grad():
+    word_maps = per_word.head(features, tokens)[0].cpu().numpy()
+words = [run.vocab.tokens[t] for t in tokens[0].tolist()]
+keep = [t for t, w in enumerate(words) if w != "<pad>"]
+square = viz.letterboxed(images[i], run.profile.input_size)
+viz.image_grid([viz.heatmap(square, viz.sigmoid(word_maps[t]), alpha=0.6) for t in keep],
+               [f'word "{words[t]}"' for t in keep], ncols=len(keep), width=2.6,
+               suptitle=f'per-word maps of "{test_data.pairs[i].expression}"');
+
+# %% [markdown]
+# **Proposals.** Box retrieval scores boxes (sliding windows and the boxes of segments);
+# proposal classification scores segments: Felzenszwalb's graph segments and their greedy
+# merges, standing in for MCG. A method can do no better than its best proposal.
+
+# %% tags=["hide-input"]
+import matplotlib.pyplot as plt
+
+proposals = fitted["proposal-classification"]
+image_index = int(test_data.pair_image[i])
+segments = proposals.segments(test_data, image_index)
+labels = segments.labels
+colours = np.random.default_rng(seed).integers(40, 255, size=(labels.max() + 2, 3)).astype(np.uint8)
+segment_picture = np.where((labels >= 0)[..., None], colours[labels], 0).astype(np.uint8)
+boxes = fitted["box-retrieval"].candidates(test_data, image_index).boxes
+box_picture = test_data.square_image(image_index, proposals.resolution).copy()
+for x0, y0, x1, y1 in boxes[np.random.default_rng(seed).choice(len(boxes), size=min(25, len(boxes)), replace=False)]:
+    box_picture[y0:y1, [x0, x1 - 1]] = (255, 220, 0)
+    box_picture[[y0, y1 - 1], x0:x1] = (255, 220, 0)
+fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
+axes[0].imshow(test_data.square_image(image_index, proposals.resolution))
+axes[0].set_title("letterboxed image at the proposal resolution")
+axes[1].imshow(segment_picture)
+axes[1].set_title(f"{labels.max() + 1} segments -> {len(segments)} region proposals")
+axes[2].imshow(box_picture)
+axes[2].set_title(f"25 of {len(boxes)} box proposals")
+for ax in axes:
+    ax.axis("off")
+fig.tight_layout()
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. *(easy)* The whole-image baseline's overall IoU equals the share of the test images'
+#    pixels that the referred regions cover (summed over pairs). Check it from the saved
+#    per-sample file `eval/whole-image_<split>.csv`.
+
+# %% tags=["solution", "hide-cell"]
+per_sample = pd.read_csv(Path(run_dir) / "eval" / f"whole-image_{test_data.split}.csv")
+areas = sum(h * w for h, w in (test_data.size(k) for k in range(len(test_data))))
+print(f"overall IoU {per_sample['intersection'].sum() / per_sample['union'].sum():.4f}; "
+      f"ground-truth pixels / image pixels {per_sample['intersection'].sum() / areas:.4f}")
+
+# %% [markdown]
+# 2. *(medium)* Which expression types does per-word segmentation (mean) handle worst
+#    compared with proposal classification? Use the `type` column of the per-sample files.
+
+# %% tags=["solution", "hide-cell"]
+rows = {}
+for variant in ("per-word-mean", "proposal-classification"):
+    frame = pd.read_csv(Path(run_dir) / "eval" / f"{variant}_{test_data.split}.csv")
+    sums = frame.groupby("type")[["intersection", "union"]].sum()
+    rows[variant] = (100 * sums["intersection"] / sums["union"]).round(1)
+pd.DataFrame(rows).assign(difference=lambda t: t["proposal-classification"] - t["per-word-mean"]).sort_values("difference")
+
+# %% [markdown]
+# 3. *(medium)* Why can GrabCut *lower* the IoU of a well-chosen box on SynthRef, when it
+#    usually helps on photographs?
+
+# %% [markdown] tags=["solution"]
+# ```{admonition} Solution
+# :class: dropdown
+#
+# GrabCut separates the box's content into foreground and background by colour models. When
+# the target overlaps another shape, or shares the colour of the stuff behind it (a green
+# shape on grass, a blue one against the sky), the colour models cannot tell them apart and
+# the cut leaks or shrinks. It also runs on the low-resolution letterbox used for the
+# proposals here, which blurs thin parts. A box that fits a compact shape already has a high
+# IoU, so there is little to gain and something to lose.
+# ```
+
+# %% [markdown]
+# 4. *(harder)* Give the proposal classifier a perfect scorer: for each test pair, take the
+#    proposal with the best IoU with the ground truth, and compute the overall IoU of these
+#    oracle choices on the first 100 test pairs. How far is the fitted scorer from it?
+
+# %% tags=["solution", "hide-cell"]
+oracle_inter = oracle_union = 0
+for k in range(min(100, len(test_data))):
+    image_index = int(test_data.pair_image[k])
+    segments = proposals.segments(test_data, image_index)
+    target_square = test_data.square_mask(k, proposals.resolution)
+    best = int(np.argmax(segments.overlaps(target_square)))
+    square_logits = np.where(segments.masks([best])[0], 1.0, -1.0)
+    height, width = test_data.size(k)
+    mask = prediction_mask(square_logits, height, width, run.profile.eval_mode)
+    target = test_data.original_mask(k)
+    oracle_inter += int((mask & target).sum())
+    oracle_union += int((mask | target).sum())
+fitted_frame = pd.read_csv(Path(run_dir) / "eval" / f"proposal-classification_{test_data.split}.csv").head(100)
+print(f"oracle proposal: overall IoU {oracle_inter / oracle_union:.3f}; fitted scorer: "
+      f"{fitted_frame['intersection'].sum() / fitted_frame['union'].sum():.3f} (same pairs)")

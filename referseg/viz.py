@@ -1,0 +1,338 @@
+"""Overlays and figures the chapter notebooks share: masks over images, response maps,
+feature channels, training curves, length histograms, precision curves.
+
+Pixel functions (``overlay``, ``heatmap``) return plain uint8 RGB arrays, so they are
+testable without a display; plotting functions take an optional matplotlib ``ax`` and
+return it (or the figure they made), so the notebooks stay one call per figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+import torch
+
+from referseg.data.transforms import letterbox_image, to_rgb
+
+if TYPE_CHECKING:
+    import matplotlib.axes
+    import matplotlib.figure
+
+    from referseg.config import Profile
+    from referseg.text import Vocabulary
+
+# Colours (RGB 0-255) used across the book: ground truth, prediction, and a cycle for several masks.
+GROUND_TRUTH = (60, 230, 90)
+PREDICTION = (235, 60, 50)
+MASK_COLOURS = ((235, 60, 50), (40, 120, 235), (250, 190, 30), (170, 70, 200), (30, 190, 190), (240, 120, 30))
+
+
+def setup_style() -> None:
+    """One look for every figure of the book: seaborn's white grid (matplotlib's copy of it, which
+    spares each notebook the seconds that importing seaborn and scipy.stats takes), readable sizes."""
+    import matplotlib as mpl
+    import matplotlib.pyplot as plt
+
+    plt.style.use("seaborn-v0_8-whitegrid")
+    mpl.rcParams.update({"figure.dpi": 90, "savefig.dpi": 110, "axes.titlesize": 10, "font.size": 10,
+                         "image.interpolation": "nearest"})
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = PREDICTION, alpha: float = 0.45,
+            outline: bool = True) -> np.ndarray:
+    """The image with ``mask`` tinted in ``color`` (and outlined); uint8 HxWx3 RGB, same size."""
+    rgb = to_rgb(np.asarray(image)).astype(np.float32)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != rgb.shape[:2]:
+        raise ValueError(f"mask of shape {mask.shape} does not match the image's {rgb.shape[:2]}; "
+                         "map it back to the image size first (referseg.data.transforms.prediction_mask)")
+    tint = np.asarray(color, dtype=np.float32)
+    rgb[mask] = (1 - alpha) * rgb[mask] + alpha * tint
+    out = rgb.clip(0, 255).astype(np.uint8)
+    if outline:
+        out = draw_outline(out, mask, color)
+    return out
+
+
+def draw_outline(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = GROUND_TRUTH,
+                 thickness: int = 2) -> np.ndarray:
+    """A copy of the uint8 RGB image with the outer contours of ``mask`` drawn in ``color``.
+
+    A dark halo under the line keeps it visible on any background (green on grass).
+    """
+    out = np.ascontiguousarray(to_rgb(np.asarray(image)).astype(np.uint8).copy())
+    contours, _ = cv2.findContours(np.asarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, (0, 0, 0), thickness + 2)
+    cv2.drawContours(out, contours, -1, tuple(int(c) for c in color), thickness)
+    return out
+
+
+def overlay_masks(image: np.ndarray, masks: Sequence[np.ndarray], colors: Sequence[Sequence[int]] | None = None,
+                  alpha: float = 0.45) -> np.ndarray:
+    """Several masks over one image, each in its own colour (later masks drawn on top)."""
+    colors = colors or MASK_COLOURS
+    out = to_rgb(np.asarray(image)).astype(np.uint8)
+    for index, mask in enumerate(masks):
+        out = overlay(out, mask, colors[index % len(colors)], alpha)
+    return out
+
+
+def compare_masks(image: np.ndarray, prediction: np.ndarray, target: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Prediction tinted red over the image, ground truth outlined in green."""
+    return draw_outline(overlay(image, prediction, PREDICTION, alpha, outline=False), target, GROUND_TRUTH)
+
+
+def resize_map(values: np.ndarray, height: int, width: int, smooth: bool = False) -> np.ndarray:
+    """A 2-D map resized to ``height x width``: nearest (cells stay visible) or bilinear."""
+    values = np.asarray(values, dtype=np.float32)
+    if values.ndim != 2:
+        raise ValueError(f"expected a 2-D map, got shape {values.shape}")
+    interpolation = cv2.INTER_LINEAR if smooth else cv2.INTER_NEAREST
+    return cv2.resize(values, (width, height), interpolation=interpolation)
+
+
+def cell_mask(labels: np.ndarray, size: int) -> np.ndarray:
+    """A (g, g) boolean grid stretched to a (size, size) mask, each cell a block (for drawing labels)."""
+    return resize_map(np.asarray(labels, dtype=np.float32), size, size) > 0.5
+
+
+def heatmap(image: np.ndarray, values: np.ndarray, alpha: float = 0.55, cmap: str = "magma",
+            vmin: float = 0.0, vmax: float = 1.0, smooth: bool = False) -> np.ndarray:
+    """``values`` (any grid, e.g. a 16x16 sigmoid map) coloured with ``cmap`` and blended over the image.
+
+    The map is stretched over the whole image, so give the letterboxed square image for a
+    map of the letterbox. Returns uint8 HxWx3 RGB.
+    """
+    import matplotlib
+
+    rgb = to_rgb(np.asarray(image)).astype(np.float32)
+    height, width = rgb.shape[:2]
+    scaled = (resize_map(values, height, width, smooth) - vmin) / max(vmax - vmin, 1e-12)
+    colours = matplotlib.colormaps[cmap](np.clip(scaled, 0, 1))[..., :3] * 255
+    return ((1 - alpha) * rgb + alpha * colours).clip(0, 255).astype(np.uint8)
+
+
+def letterboxed(image: np.ndarray, size: int) -> np.ndarray:
+    """The image letterboxed to ``size x size`` as the network sees it (SPEC 3), uint8 RGB for display."""
+    return np.clip(letterbox_image(image, size) + 0.5, 0, 255).astype(np.uint8)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Elementwise logistic function, stable for large logits."""
+    return 0.5 * (1 + np.tanh(0.5 * np.asarray(logits, dtype=np.float64)))
+
+
+# --------------------------------------------------------------------------- model outputs for figures
+
+
+@torch.no_grad()
+def expression_logits(model: torch.nn.Module, image: np.ndarray, expressions: Sequence[str], vocab: Vocabulary,
+                      profile: Profile, high_res: bool = False) -> np.ndarray:
+    """Logits of several expressions on one image: (n, g, g), or (n, S, S) with ``high_res``.
+
+    The image goes through the backbone once; the letterbox is the profile's (SPEC 3).
+    """
+    from referseg.data.transforms import normalize
+
+    device = next(model.parameters()).device
+    square = letterbox_image(to_rgb(image), profile.input_size)
+    images = normalize(square, profile.pixel_mean, profile.pixel_std)[None].to(device)
+    tokens = torch.tensor([vocab.encode(e, profile.seq_len) for e in expressions], dtype=torch.int64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        features = model.backbone_features(images).expand(len(expressions), -1, -1, -1)
+        logits = model(tokens, features=features, high_res=high_res)
+    finally:
+        model.train(was_training)
+    return logits.float().cpu().numpy()
+
+
+# --------------------------------------------------------------------------- choosing examples
+
+
+def pairs_by_image(pairs: Sequence[Any]) -> dict[int, list[Any]]:
+    """Pairs grouped by ``image_id``, in their original order."""
+    grouped: dict[int, list[Any]] = {}
+    for pair in pairs:
+        grouped.setdefault(pair.image_id, []).append(pair)
+    return grouped
+
+
+def pick_image(pairs: Sequence[Any], seed: int = 0, min_regions: int = 3, want_stuff: bool = True) -> int:
+    """An image id with at least ``min_regions`` referred regions (one of them stuff, if asked), chosen by seed.
+
+    Falls back to the image with the most regions, so a tiny split still yields an image.
+    """
+    grouped = pairs_by_image(pairs)
+    if not grouped:
+        raise ValueError("no pairs to choose an image from")
+
+    def regions(image_pairs: list[Any]) -> int:
+        return len({p.ann_id for p in image_pairs})
+
+    good = [image_id for image_id, group in grouped.items()
+            if regions(group) >= min_regions and (not want_stuff or any(p.is_stuff for p in group))]
+    if not good:
+        return max(grouped, key=lambda image_id: regions(grouped[image_id]))
+    return good[int(np.random.default_rng(seed).integers(len(good)))]
+
+
+def one_pair_per_region(pairs: Sequence[Any], limit: int | None = None) -> list[Any]:
+    """The first pair of each distinct region (``ann_id``), at most ``limit`` of them."""
+    seen: dict[int, Any] = {}
+    for pair in pairs:
+        seen.setdefault(pair.ann_id, pair)
+    chosen = list(seen.values())
+    return chosen[:limit] if limit else chosen
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, ncols: int = 3,
+               width: float = 3.4, cmap: str | None = None, suptitle: str | None = None,
+               vmin: float | None = None, vmax: float | None = None) -> matplotlib.figure.Figure:
+    """Images (RGB or 2-D maps) in a grid with wrapped titles and no axes."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    count = len(images)
+    if count == 0:
+        raise ValueError("image_grid needs at least one image")
+    ncols = max(1, min(ncols, count))
+    nrows = -(-count // ncols)
+    first = np.asarray(images[0])
+    aspect = first.shape[0] / first.shape[1]
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, width * aspect * nrows + 0.5 * nrows),
+                             squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if index >= count:
+            continue
+        ax.imshow(images[index], cmap=cmap, vmin=vmin, vmax=vmax)
+        if titles is not None:
+            ax.set_title("\n".join(textwrap.wrap(str(titles[index]), 34)), fontsize=9)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def channel_grid(maps: np.ndarray | torch.Tensor, titles: Sequence[str] | None = None, ncols: int = 8,
+                 cmap: str = "viridis", width: float = 1.6, shared_scale: bool = False,
+                 suptitle: str | None = None) -> matplotlib.figure.Figure:
+    """(C, h, w) channels as small images with a colour scale per channel (or shared), e.g. features."""
+    import matplotlib.pyplot as plt
+
+    maps = maps.detach().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps)
+    if maps.ndim != 3:
+        raise ValueError(f"expected (channels, height, width) maps, got shape {maps.shape}")
+    count = len(maps)
+    ncols = max(1, min(ncols, count))
+    nrows = -(-count // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, width * nrows + 0.4 * nrows), squeeze=False)
+    low, high = (float(maps.min()), float(maps.max())) if shared_scale else (None, None)
+    for index, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if index >= count:
+            ax.axis("off")
+            continue
+        image = ax.imshow(maps[index], cmap=cmap, vmin=low, vmax=high)
+        if titles is not None:
+            ax.set_title(str(titles[index]), fontsize=8)
+        if not shared_scale:
+            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
+    if shared_scale and count:
+        fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.02, pad=0.02)
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
+def plot_training_curves(logs: Mapping[str, Sequence[Mapping[str, float]]], ax: matplotlib.axes.Axes | None = None,
+                         offsets: Mapping[str, int] | None = None) -> matplotlib.axes.Axes:
+    """Loss against iteration for one or more training logs (JSONL records), with the learning rate on a
+    second axis; ``offsets`` shifts a log's iterations (stage 2 after stage 1)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 3.6))
+    rate_ax = ax.twinx()
+    rate_ax.grid(False)
+    for index, (name, records) in enumerate(logs.items()):
+        if not records:
+            continue
+        shift = (offsets or {}).get(name, 0)
+        iterations = np.array([r["iteration"] for r in records]) + shift
+        colour = f"C{index}"
+        ax.plot(iterations, [r["loss"] for r in records], color=colour, label=f"{name}: loss")
+        rate_ax.step(iterations, [r["lr"] for r in records], where="pre", color=colour, linestyle=":",
+                     alpha=0.7, label=f"{name}: learning rate")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training loss (window mean)")
+    rate_ax.set_ylabel("learning rate")
+    rate_ax.set_yscale("log")
+    lines = ax.get_legend_handles_labels()
+    rate_lines = rate_ax.get_legend_handles_labels()
+    ax.legend(lines[0] + rate_lines[0], lines[1] + rate_lines[1], loc="upper right", fontsize=8)
+    return ax
+
+
+def length_histogram(lengths: Mapping[str, Sequence[int]], ax: matplotlib.axes.Axes | None = None,
+                     max_length: int = 25, limit: int | None = 20) -> matplotlib.axes.Axes:
+    """Share of expressions by token count, one series per dataset; the T=20 cut drawn as a line."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 3.4))
+    bins = np.arange(1, max_length + 2)
+    width = 0.8 / max(len(lengths), 1)
+    for index, (name, values) in enumerate(lengths.items()):
+        values = np.asarray(values)
+        if len(values) == 0:
+            continue
+        counts = np.array([(np.minimum(values, max_length) == b).sum() for b in bins[:-1]])
+        ax.bar(bins[:-1] + (index - (len(lengths) - 1) / 2) * width, 100 * counts / len(values), width=width,
+               label=f"{name} (mean {values.mean():.2f}, max {values.max()})")
+    if limit is not None and limit <= max_length:
+        ax.axvline(limit + 0.5, color="black", linestyle="--", linewidth=1)
+        ax.text(limit + 0.6, ax.get_ylim()[1] * 0.9, f"T = {limit}", fontsize=8)
+    ax.set_xlabel(f"tokens per expression (the last bar: {max_length} or more)")
+    ax.set_ylabel("% of expressions")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def precision_curve(ious: Mapping[str, np.ndarray], ax: matplotlib.axes.Axes | None = None,
+                    marks: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9)) -> matplotlib.axes.Axes:
+    """Precision@t (share of samples with IoU >= t) for t from 0 to 1, one line per method; SPEC 1's
+    thresholds marked."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    thresholds = np.linspace(0, 1, 101)
+    for name, values in ious.items():
+        values = np.sort(np.asarray(values, dtype=np.float64))
+        # share of samples with IoU >= t, for every t at once
+        share = 1 - np.searchsorted(values, thresholds - 1e-12, side="left") / max(len(values), 1)
+        line = ax.plot(thresholds, 100 * share, label=name)[0]
+        at_marks = 1 - np.searchsorted(values, np.asarray(marks) - 1e-12, side="left") / max(len(values), 1)
+        ax.plot(marks, 100 * at_marks, "o", color=line.get_color(), markersize=4)
+    for mark in marks:
+        ax.axvline(mark, color="grey", linewidth=0.5)
+    ax.set_xlabel("IoU threshold t")
+    ax.set_ylabel("precision@t (%)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    return ax
