@@ -40,20 +40,35 @@ def default_page(html_dir: Path) -> Path:
 
 
 def take_screenshot(page: Path, png: Path, window: tuple[int, int] = WINDOW, chromium: str | None = None,
-                    timeout: float = 120) -> Path:
-    """Render ``page`` offline in headless Chromium into ``png`` (window width x height)."""
+                    timeout: float = 120, section: str = "") -> Path:
+    """Render ``page`` offline in headless Chromium into ``png`` (window width x height).
+
+    With ``section`` (an element id), what precedes that section on the page is hidden, so that
+    the picture starts at it: headless screenshots ignore ``#anchor`` scrolling.
+    """
     chromium = chromium or find_chromium()
     if chromium is None:
         raise FileNotFoundError(f"no Chromium found (looked for {', '.join(CHROMIUM_NAMES)}); "
                                 "install it, e.g. apt-get install -y chromium")
     png.parent.mkdir(parents=True, exist_ok=True)
     png.unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory(prefix="referseg-chromium-") as profile_dir:
-        command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                   "--hide-scrollbars", f"--user-data-dir={profile_dir}", f"--screenshot={png.resolve()}",
-                   f"--window-size={window[0]},{window[1]}", page.resolve().as_uri()]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    shown = page
+    if section:  # a copy beside the page, so that its relative links to styles still resolve
+        shown = page.with_name(f".screenshot-{page.name}")
+        style = f'<style>*:has(~ section[id="{section}"]) {{ display: none !important; }}</style>'
+        shown.write_text(page.read_text(encoding="utf-8").replace("</head>", style + "</head>", 1),
+                         encoding="utf-8")
+    try:
+        with tempfile.TemporaryDirectory(prefix="referseg-chromium-") as profile_dir:
+            command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                       "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                       "--disable-sync", "--hide-scrollbars", f"--user-data-dir={profile_dir}",
+                       f"--screenshot={png.resolve()}", f"--window-size={window[0]},{window[1]}",
+                       shown.resolve().as_uri()]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    finally:
+        if shown != page:
+            shown.unlink(missing_ok=True)
     if not png.exists():
         raise RuntimeError(f"Chromium wrote no screenshot of {page} (exit {result.returncode}):\n"
                            f"{result.stderr[-2000:]}")
@@ -61,17 +76,20 @@ def take_screenshot(page: Path, png: Path, window: tuple[int, int] = WINDOW, chr
 
 
 class _TableText(HTMLParser):
-    """Collects the text of every <table> of a page."""
+    """Collects the text of every <table> of a page, and the id of the last section opened before it."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.depth, self.tables = 0, []
+        self.depth, self.tables, self.sections, self.section = 0, [], [], ""
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "section":
+            self.section = dict(attrs).get("id") or self.section
         if tag == "table":
             self.depth += 1
             if self.depth == 1:
                 self.tables.append("")
+                self.sections.append(self.section)
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "table" and self.depth:
@@ -82,14 +100,20 @@ class _TableText(HTMLParser):
             self.tables[-1] += data + " "
 
 
-def table_with(html: str, text: str = REQUIRED_TEXT) -> bool:
-    """Whether a table of the page mentions ``text`` (case, underscores and spacing ignored)."""
+def table_section(html: str, text: str = REQUIRED_TEXT) -> str | None:
+    """The id of the section holding the first table that mentions ``text`` ("" when the page
+    has no sections), or None when no table does; case, underscores and spacing are ignored."""
     def norm(s: str) -> str:
         return " ".join(s.replace("_", " ").lower().split())
 
     parser = _TableText()
     parser.feed(html)
-    return any(norm(text) in norm(table) for table in parser.tables)
+    return next((sec for table, sec in zip(parser.tables, parser.sections, strict=True) if norm(text) in norm(table)), None)
+
+
+def table_with(html: str, text: str = REQUIRED_TEXT) -> bool:
+    """Whether a table of the page mentions ``text``."""
+    return table_section(html, text) is not None
 
 
 def image_stats(png: Path) -> dict[str, float]:
@@ -122,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     page = args.html_dir / args.page if args.page else default_page(args.html_dir)
     png = args.out or args.html_dir.parent / "screenshots" / f"{page.stem}.png"
-    take_screenshot(page, png)
+    # start the picture at the table's section, so that it shows the table
+    take_screenshot(page, png, section=table_section(page.read_text(encoding="utf-8"), args.text) or "")
     stats = image_stats(png)
     print(f"{png}: {stats['width']}x{stats['height']}, {stats['colours']} colours, "
           f"{stats['inked_rows']:.0%} of rows not white")

@@ -28,7 +28,8 @@ from referseg.book import (
     read_notebook,
     toc_notebooks,
 )
-from referseg.screenshot import check_screenshot, default_page, find_chromium, table_with, take_screenshot
+from referseg.screenshot import check_screenshot, default_page, find_chromium, table_section, table_with
+from referseg.screenshot import main as screenshot_main
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMETERS_CELL = '''# %% tags=["parameters"]
@@ -308,6 +309,9 @@ def test_table_check_finds_the_metric_only_inside_a_table():
     assert table_with("<table><tr><th>overall_IoU</th></tr></table>")
     assert table_with("<table><tr><td>Overall  IoU</td></tr></table>")
     assert not table_with("<p>overall IoU</p><table><tr><td>precision</td></tr></table>")
+    page = ('<section id="top"><table><tr><td>P@0.5</td></tr></table><section id="results">'
+            '<table><tr><td>overall IoU</td></tr></table></section></section>')
+    assert table_section(page) == "results"
 
 
 def test_blank_screenshot_is_reported(tmp_path):
@@ -324,7 +328,9 @@ def test_blank_screenshot_is_reported(tmp_path):
 def test_screenshot_of_the_built_book_shows_its_table(built_book):
     root, code, _ = built_book
     assert code == 0
-    page = default_page(root / "_build" / "html")
-    png = take_screenshot(page, root / "_build" / "screenshots" / f"{page.stem}.png")
-    assert check_screenshot(page, png) == []
+    png = root / "_build" / "screenshots" / "page.png"
+    assert screenshot_main([str(root / "_build" / "html"), "--out", str(png)]) == 0
     assert Image.open(png).size == (1280, 2400)
+    page = default_page(root / "_build" / "html")
+    assert check_screenshot(page, png) == []
+    assert not list(page.parent.glob(".screenshot-*")), "left its temporary copy of the page"
