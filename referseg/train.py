@@ -257,10 +257,10 @@ def freeze_backbone(model: torch.nn.Module, profile: Profile) -> None:
         model.backbone.eval()
 
 
-def append_log(path: Path, records: list[dict[str, Any]]) -> None:
+def append_log(path: Path, record: dict[str, Any]) -> None:
+    """One JSON line per log point (training loss averaged since the previous one)."""
     with path.open("a") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
+        handle.write(json.dumps(record) + "\n")
 
 
 def truncate_log(path: Path, iteration: int) -> None:
@@ -337,7 +337,7 @@ def train(
     )
 
     # resume: weights, optimizer, RNG states and the iteration of the last checkpoint
-    start = 0
+    start, elapsed_before = 0, 0.0
     if resume:
         if not checkpoint_path.is_file():
             raise FileNotFoundError(
@@ -348,7 +348,7 @@ def train(
         check_vocab(Vocabulary(state["vocab"]), vocab, f"checkpoint {checkpoint_path}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start = state["iteration"]
+        start, elapsed_before = state["iteration"], state.get("elapsed", 0.0)
         set_rng_states(state["rng"])
         truncate_log(log_path, start)
         if start >= config.iterations:
@@ -382,6 +382,7 @@ def train(
             checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
             stage=stage, finished=iteration >= config.iterations, loss=loss, rng=rng_states(),
             shuffle=order.state(iteration), profile=profile.to_dict(), vocab=list(vocab.tokens),
+            elapsed=time.perf_counter() - run_start,
         )
 
     # the loop
@@ -391,7 +392,7 @@ def train(
     bar = tqdm(range(start, end), desc=f"stage {stage}", unit="it", initial=start, total=config.iterations,
                disable=not progress)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-    run_start, loss_value, records = time.perf_counter(), float("nan"), []
+    run_start = time.perf_counter() - elapsed_before  # a resumed run's clock goes on
     for iteration in bar:
         lr = learning_rate(config, iteration)
         for group in optimizer.param_groups:
@@ -427,13 +428,11 @@ def train(
         window_loss, window_steps = window_loss + loss_value, window_steps + 1
         if done == 1 or done % profile.log_every == 0 or done == config.iterations:
             now = time.perf_counter()
-            records.append({
+            append_log(log_path, {
                 "iteration": done, "loss": window_loss / window_steps, "lr": lr,
                 "pairs_per_s": window_steps * profile.batch_size / max(now - window_start, 1e-9),
                 "elapsed": now - run_start,
             })
-            append_log(log_path, records)
-            records = []
             bar.set_postfix(loss=f"{window_loss / window_steps:.4f}", lr=f"{lr:g}")
             window_loss, window_steps, window_start = 0.0, 0, now
         if done % profile.checkpoint_every == 0 or done == end:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,19 @@ def synth_root(tmp_path_factory) -> Path:
     profile = get_profile("smoke")
     generate_synthref(root, seed=profile.synth_seed, images=profile.synth_images, progress=False)
     return root
+
+
+@pytest.fixture(scope="module")
+def stage1_run(synth_root, tmp_path_factory) -> Path:
+    """A finished stage-1 smoke run; tests copy it rather than train stage 1 again."""
+    run_dir = tmp_path_factory.mktemp("stage1") / "run"
+    run(get_profile("smoke", data_root=str(synth_root)), 1, run_dir)
+    return run_dir
+
+
+def copy_run(run_dir: Path, to: Path) -> Path:
+    shutil.copytree(run_dir, to)
+    return to
 
 
 @pytest.fixture
@@ -89,12 +103,11 @@ def full_training_loss(checkpoint: Path, stage: int) -> float:
 # --- run folder, log and checkpoint contents ----------------------------------------
 
 
-def test_stage1_writes_config_vocab_log_and_a_complete_checkpoint(smoke, tmp_path):
+def test_stage1_writes_config_vocab_log_and_a_complete_checkpoint(smoke, stage1_run):
     profile = smoke()
-    path = run(profile, 1, tmp_path / "run")
-    assert path == tmp_path / "run" / "stage1" / "checkpoint.pt"
-    assert json.loads((tmp_path / "run" / "config.json").read_text()) == json.loads(json.dumps(profile.to_dict()))
-    vocab = Vocabulary.load(tmp_path / "run" / "vocab.txt")
+    path = stage1_run / "stage1" / "checkpoint.pt"
+    assert json.loads((stage1_run / "config.json").read_text()) == json.loads(json.dumps(profile.to_dict()))
+    vocab = Vocabulary.load(stage1_run / "vocab.txt")
     state = read_checkpoint(path)
     assert state["iteration"] == profile.stage1.iterations and state["finished"]
     assert state["vocab"] == vocab.tokens
@@ -102,7 +115,7 @@ def test_stage1_writes_config_vocab_log_and_a_complete_checkpoint(smoke, tmp_pat
     assert {"python", "numpy", "torch"} <= set(state["rng"])
     assert len(state["shuffle"]["pairs"]) == len(ReferSegDataset(load_refer(profile), "train", vocab, profile))
     assert state["optimizer"]["state"], "the optimizer's momentum buffers are saved"
-    log = read_log(tmp_path / "run" / "stage1" / "log.jsonl")
+    log = read_log(stage1_run / "stage1" / "log.jsonl")
     assert [r["iteration"] for r in log] == [1, 5, 10, 15, 20]
     assert {"iteration", "loss", "lr", "pairs_per_s", "elapsed"} <= set(log[0])
     # SPEC 5 step schedule: lr x0.1 every lr_step iterations
@@ -167,14 +180,14 @@ def test_feature_cache_is_reused_and_invalidated_by_preprocessing(smoke, tmp_pat
 
 
 def test_cached_and_uncached_features_give_the_same_loss(smoke, tmp_path):
-    cached = run(smoke(), 1, tmp_path / "cached", stop_after=5, feature_dtype="float32")
-    direct = run(smoke(cache_features=False), 1, tmp_path / "direct", stop_after=5)
+    cached = run(smoke(), 1, tmp_path / "cached", stop_after=3, feature_dtype="float32")
+    direct = run(smoke(cache_features=False), 1, tmp_path / "direct", stop_after=3)
     assert not (tmp_path / "direct" / "features").exists()
     cached_log = read_log(cached.parent / "log.jsonl")
     direct_log = read_log(direct.parent / "log.jsonl")
-    assert [r["iteration"] for r in cached_log] == [r["iteration"] for r in direct_log] == [1, 5]
-    for a, b in zip(cached_log, direct_log, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert [r["iteration"] for r in cached_log] == [r["iteration"] for r in direct_log] == [1]
+    assert cached_log[0]["loss"] == pytest.approx(direct_log[0]["loss"], rel=1e-5)
+    # and the same steps: the weights agree after three of them
     for name, tensor in weights(cached).items():
         torch.testing.assert_close(tensor, weights(direct)[name], rtol=1e-3, atol=1e-5)
 
@@ -191,11 +204,11 @@ def test_a_fixed_seed_repeats_a_cpu_run_and_another_seed_does_not(smoke, tmp_pat
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(smoke, tmp_path, stage):
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(smoke, tmp_path, stage, stage1_run):
     profile = smoke()
     if stage == 2:
-        run(profile, 1, tmp_path / "straight")
-        run(profile, 1, tmp_path / "resumed")
+        copy_run(stage1_run, tmp_path / "straight")
+        copy_run(stage1_run, tmp_path / "resumed")
     total = getattr(profile, f"stage{stage}").iterations
     straight = run(profile, stage, tmp_path / "straight")
     interrupted = run(profile, stage, tmp_path / "resumed", stop_after=total // 2 + 1)
@@ -258,10 +271,11 @@ def test_a_run_folder_of_another_profile_or_vocabulary_is_refused(smoke, tmp_pat
 # --- learning -----------------------------------------------------------------------------
 
 
-def test_both_stages_lower_their_training_loss(smoke, tmp_path):
-    profile = smoke(stage2={"iterations": 30, "lr_step": 20})
-    stage1 = run(profile, 1, tmp_path / "run")
-    stage2 = run(profile, 2, tmp_path / "run")
+def test_both_stages_lower_their_training_loss(smoke, tmp_path, stage1_run):
+    profile = smoke()
+    run_dir = copy_run(stage1_run, tmp_path / "run")
+    stage1 = run_dir / "stage1" / "checkpoint.pt"
+    stage2 = run(profile, 2, run_dir)
     log1 = read_log(stage1.parent / "log.jsonl")
     assert log1[-1]["loss"] < log1[0]["loss"]
     # stage 2 starts from stage 1's weights: its loss over all training pairs must drop
