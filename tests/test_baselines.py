@@ -91,6 +91,11 @@ def test_segment_proposals_contain_each_shape():
     whole = np.zeros((128, 128), bool)
     whole[content.slices] = True
     assert mask_iou(masks, whole).max() > 0.99
+    # the per-segment shortcuts equal the same measures on the full mask stack
+    np.testing.assert_allclose(proposals.areas(), masks.reshape(len(masks), -1).sum(axis=1))
+    np.testing.assert_allclose(proposals.overlaps(red), mask_iou(masks, red), atol=1e-6)
+    np.testing.assert_array_equal(proposals.boxes(), mask_boxes(masks))
+    np.testing.assert_allclose(proposals.coverage(16), grid_coverage(masks, 16), atol=1e-6)
 
 
 def test_grabcut_recovers_a_shape_from_a_loose_box():

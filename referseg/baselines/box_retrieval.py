@@ -11,7 +11,15 @@ from __future__ import annotations
 import numpy as np
 
 from referseg.baselines.common import SplitData
-from referseg.baselines.proposals import box_coverage, box_iou, box_masks, grabcut, mask_boxes, sliding_boxes
+from referseg.baselines.proposals import (
+    box_coverage,
+    box_iou,
+    box_masks,
+    grabcut,
+    mask_boxes,
+    sliding_boxes,
+    unique_boxes,
+)
 from referseg.baselines.scoring import Candidates, ProposalBaseline, logits_of
 
 
@@ -29,9 +37,9 @@ class BoxRetrieval(ProposalBaseline):
         segments = self.segments(data, image_index)
         boxes = np.concatenate([
             sliding_boxes(content, self.settings.box_scales, self.settings.box_aspects),
-            mask_boxes(segments.masks()),
+            segments.boxes(),
         ])
-        boxes = np.unique(boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])], axis=0)
+        boxes = unique_boxes(boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])])
         areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).astype(np.float64)
         return Candidates(content, boxes, areas, box_coverage(boxes, content.size, self.profile.grid))
 

@@ -69,7 +69,7 @@ class PerWordSegmentation(Baseline):
 
     head: PerWordHead
 
-    def fit(self, train: SplitData) -> PerWordSegmentation:
+    def learn(self, train: SplitData) -> None:
         from referseg.model.segmenter import spatial_channels
 
         settings, profile = self.settings, self.profile
@@ -99,7 +99,6 @@ class PerWordSegmentation(Baseline):
             loss.backward()
             optimizer.step()
         self.head.eval()
-        return self
 
     @torch.no_grad()
     def predict_image(self, data: SplitData, image_index: int, pairs: np.ndarray) -> dict[str, np.ndarray]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 from referseg.baselines.common import SplitData
-from referseg.baselines.proposals import grid_coverage, mask_boxes, mask_iou
 from referseg.baselines.scoring import Candidates, ProposalBaseline, logits_of
 
 
@@ -23,16 +22,14 @@ class ProposalClassification(ProposalBaseline):
 
     def candidates(self, data: SplitData, image_index: int) -> Candidates:
         segments = self.segments(data, image_index)
-        masks = segments.masks()
-        areas = masks.reshape(len(masks), -1).sum(axis=1).astype(np.float64)
-        return Candidates(self.content(data, image_index), mask_boxes(masks), areas,
-                          grid_coverage(masks, self.profile.grid), masks)
+        return Candidates(self.content(data, image_index), segments.boxes(), segments.areas(),
+                          segments.coverage(self.profile.grid), segments)
 
     def overlaps(self, candidates: Candidates, target: np.ndarray) -> np.ndarray:
-        assert candidates.masks is not None
-        return mask_iou(candidates.masks, target)
+        assert candidates.segments is not None
+        return candidates.segments.overlaps(target)
 
     def outputs(self, data: SplitData, image_index: int, candidates: Candidates, best: np.ndarray
                 ) -> dict[str, np.ndarray]:
-        assert candidates.masks is not None
-        return {"proposal-classification": np.stack([logits_of(m) for m in candidates.masks[best]])}
+        assert candidates.segments is not None
+        return {"proposal-classification": np.stack([logits_of(m) for m in candidates.segments.masks(best)])}

@@ -23,8 +23,9 @@ from referseg.baselines.proposals import (
     GEOMETRY_FEATURES,
     Content,
     SegmentProposals,
+    box_coverage,
+    dot,
     geometry,
-    grid_coverage,
     segment_proposals,
 )
 from referseg.config import Profile
@@ -40,10 +41,11 @@ class ProposalScorer(nn.Module):
     proposal of an image for every expression is one matrix product.
     """
 
-    def __init__(self, profile: Profile, vocab_size: int, region_dim: int, hidden: int):
+    def __init__(self, profile: Profile, vocab_size: int, region_dim: int, hidden: int, text_dim: int):
         super().__init__()
-        self.text = LanguageEncoder(profile, vocab_size)  # SPEC 4: embedding + LSTM, h_T
-        self.text_in = nn.Linear(profile.d_text, hidden + 1)  # the last unit scores a region prior
+        # SPEC 4's encoder (embedding + LSTM, final state h_T, forget bias 1), at a baseline's width.
+        self.text = LanguageEncoder(profile.replace(d_embed=text_dim, d_text=text_dim), vocab_size)
+        self.text_in = nn.Linear(text_dim, hidden + 1)  # the last unit scores a region prior
         self.region_in = nn.Sequential(nn.Linear(region_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
         self.region_prior = nn.Linear(hidden, 1)
 
@@ -76,7 +78,7 @@ class Candidates:
     boxes: np.ndarray  # (P, 4) [x0, y0, x1, y1)
     areas: np.ndarray  # (P,) pixels at R
     coverage: np.ndarray  # (P, g, g) fraction of each feature cell inside the proposal
-    masks: np.ndarray | None = None  # (P, R, R) region proposals' masks (None for boxes)
+    segments: SegmentProposals | None = None  # region proposals (None for boxes)
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -87,9 +89,11 @@ def region_descriptors(features: np.ndarray, candidates: Candidates) -> np.ndarr
     channels = features.shape[0]
     flat = features.reshape(channels, -1).astype(np.float32)
     coverage = candidates.coverage.reshape(len(candidates), -1)
-    pooled = coverage @ flat.T / np.maximum(coverage.sum(axis=1, keepdims=True), 1e-6)
-    image_cells = grid_coverage(_content_mask(candidates.content)[None], features.shape[-1]).reshape(1, -1)
-    context = image_cells @ flat.T / np.maximum(image_cells.sum(), 1e-6)
+    pooled = dot(coverage, flat.T) / np.maximum(coverage.sum(axis=1, keepdims=True), 1e-6)
+    content = candidates.content
+    whole = [content.left, content.top, content.left + content.width, content.top + content.height]
+    image_cells = box_coverage(np.array([whole]), content.size, features.shape[-1]).reshape(1, -1)
+    context = dot(image_cells, flat.T) / np.maximum(image_cells.sum(), 1e-6)
     return np.concatenate([
         _l2(pooled),
         np.repeat(_l2(context), len(candidates), axis=0),
@@ -99,12 +103,6 @@ def region_descriptors(features: np.ndarray, candidates: Candidates) -> np.ndarr
 
 def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
-
-
-def _content_mask(content: Content) -> np.ndarray:
-    mask = np.zeros((content.size, content.size), dtype=bool)
-    mask[content.slices] = True
-    return mask
 
 
 def logits_of(mask: np.ndarray) -> np.ndarray:
@@ -141,7 +139,7 @@ class ProposalBaseline(Baseline):
             square = data.square_image(image_index, self.resolution)
             store[image_index] = segment_proposals(
                 square, self.content(data, image_index), settings.felzenszwalb_scale,
-                settings.felzenszwalb_min_size, settings.max_segments)
+                settings.felzenszwalb_min_size, settings.max_segments, sigma=settings.felzenszwalb_sigma)
         return store[image_index]
 
     def candidates(self, data: SplitData, image_index: int) -> Candidates:
@@ -156,7 +154,7 @@ class ProposalBaseline(Baseline):
         """``{variant: (n, R, R) logits}`` for the chosen proposal index of each pair."""
         raise NotImplementedError
 
-    def fit(self, train: SplitData) -> ProposalBaseline:
+    def learn(self, train: SplitData) -> None:
         settings = self.settings
         torch.manual_seed(settings.seed)
         images = train.training_images(settings.max_train_images, settings.seed)
@@ -186,7 +184,8 @@ class ProposalBaseline(Baseline):
         pairs_of_row = [train.by_image[i] for i in images]
         targets_of_row = np.split(np.asarray(targets, dtype=np.int64), np.cumsum([len(p) for p in pairs_of_row])[:-1])
 
-        self.scorer = ProposalScorer(self.profile, len(self.vocab), padded.shape[2], settings.hidden).to(self.device)
+        self.scorer = ProposalScorer(self.profile, len(self.vocab), padded.shape[2], settings.hidden,
+                                     settings.text_dim).to(self.device)
         optimizer = Adam(self.scorer.parameters(), lr=settings.lr)
         self.scorer.train()
         for rows in tqdm(image_batches(len(images), settings.batch_images, settings.iterations, settings.seed),
@@ -205,7 +204,6 @@ class ProposalBaseline(Baseline):
             loss.backward()
             optimizer.step()
         self.scorer.eval()
-        return self
 
     @torch.no_grad()
     def choose(self, data: SplitData, image_index: int, pairs: np.ndarray) -> tuple[Candidates, np.ndarray]:
