@@ -1,0 +1,256 @@
+"""The markdown page of one benchmark run: a header naming the machine, one summary table, details.
+
+The text has no top-level heading so that a book page can include it under its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GIB = 2**30
+
+
+def seconds(value: float | None) -> str:
+    """0.0123 -> '12.3 ms', 4.56 -> '4.56 s', 754 -> '12.6 min', 9000 -> '2.50 h'."""
+    if value is None:
+        return "-"
+    if value < 1:
+        return f"{value * 1000:.3g} ms"
+    if value < 120:
+        return f"{value:.3g} s"
+    if value < 7200:
+        return f"{value / 60:.3g} min"
+    return f"{value / 3600:.3g} h"
+
+
+def flops(value: float | None, per_second: bool = False) -> str:
+    """3.0e12 -> '3.00 TFLOP' (or 'TFLOP/s')."""
+    if value is None:
+        return "-"
+    unit = "FLOP/s" if per_second else "FLOP"
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _row(*cells: Any) -> str:
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def _line(*cells: Any) -> str:
+    """A row of the summary table (seven columns)."""
+    return _row(*cells, *[""] * (7 - len(cells)))
+
+
+def _failed(result: dict[str, Any] | None) -> str | None:
+    if result is None:
+        return "not run"
+    if "error" in result:
+        return f"failed: {result['error']}"
+    if "status" in result:
+        return result["status"]
+    return None
+
+
+def _step_rows(label: str, step: dict[str, Any] | None, peak: dict[str, Any]) -> list[str]:
+    problem = _failed(step)
+    if problem:
+        return [_row(label, "", problem, "", "", "", "")]
+    assert step is not None
+    setup = (f"{step['backbone']} at {step['input_size']}, batch {step['batch_size']}, "
+             f"{step['memory_format'].replace('_', ' ')}, oneDNN {'on' if step['mkldnn'] else 'off'}, "
+             f"{step['threads']} threads (got {100 * step['cpu_share']:.0f}% of them)")
+    frozen = step["flop_parts"].get("frozen convolutions", 0)
+
+    def ratios(per_s: float | None, per_cpu_s: float | None) -> tuple[str, str, str]:
+        return (flops(per_s, True), percent(per_s / peak["flops_per_s"] if per_s else None),
+                percent(per_cpu_s / peak["flops_per_cpu_s"] if per_cpu_s and peak.get("flops_per_cpu_s") else None))
+
+    return [
+        _row(label, setup, f"{seconds(step['step_s'])} per step ({seconds(step['step_cpu_s'])} of CPU time: "
+             f"{seconds(step['step_cpu_s'] / step['threads'])} on {step['threads']} idle CPUs)", flops(step["flops"]),
+             *ratios(step["flops_per_s"], step["flops_per_cpu_s"])),
+        _row("&nbsp;&nbsp;frozen convolutions (forward)", "", seconds(step["frozen_s"]), flops(frozen),
+             *ratios(step["frozen_flops_per_s"], step["frozen_flops_per_cpu_s"])),
+        _row("&nbsp;&nbsp;trainable layers (forward, backward, SGD) = a step with the cache", "",
+             seconds(step["trainable_s"]), flops(step["trainable_flops"]),
+             *ratios(step["trainable_flops_per_s"], step["trainable_flops_per_cpu_s"])),
+    ]
+
+
+def summary_rows(results: dict[str, Any]) -> list[str]:
+    """The summary table's rows: one per benchmark of issue 6."""
+    peak = results["peak"]
+    rows = [_row("benchmark", "configuration", "result", "FLOPs", "FLOP/s", "of peak",
+                 "of peak per CPU-second"), _row(*["---"] * 7)]
+    per_cpu = peak.get("flops_per_cpu_s")
+    rows.append(_line("matmul peak (CPU)", f"{peak['start']['dtype']} square matmuls (n = "
+                     f"{', '.join(peak['start']['per_size'])}), best of {peak['start']['repeats']}, measured "
+                     f"{sum(1 for v in peak.values() if isinstance(v, dict))} times in the run",
+                     "", "", flops(peak["flops_per_s"], True), "100%",
+                     f"{flops(per_cpu, True).replace('/s', '')} per CPU-second" if per_cpu else ""))
+    gpu_peak = results.get("gpu_peak")
+    if gpu_peak and "flops_per_s" in gpu_peak:
+        rows.append(_line("matmul peak (GPU)", f"{gpu_peak['dtype']} square matmuls", "", "",
+                         flops(gpu_peak["flops_per_s"], True), "100%", ""))
+    steps = results.get("training_step", {})
+    rows += _step_rows("training step, `paper`", steps.get("paper"), peak)
+    rows += _step_rows("training step, `cpu`", steps.get("cpu"), peak)
+
+    cache = results.get("stage1_cache")
+    problem = _failed(cache)
+    if problem:
+        rows.append(_line("stage-1 step with / without the feature cache", "", problem, "", "", ""))
+    else:
+        runs = cache["runs"]
+        setup = f"`{cache['profile']}` profile, `referseg.train`, batch {cache['batch_size']}, {cache['threads']} threads"
+        rows.append(_line("stage-1 step with the feature cache", setup,
+                         seconds(runs["with cache"]["median_step_s"]), "", "", ""))
+        rows.append(_line("stage-1 step without the feature cache", "images decoded, letterboxed, convolved",
+                         seconds(runs["without cache"]["median_step_s"]), "", "", ""))
+        rows.append(_line("&nbsp;&nbsp;speed-up of the cache", "same run", f"**{cache['speedup']:.1f}x**", "", "", ""))
+        rows.append(_line("peak memory of training", f"`{cache['profile']}` stage 1, {cache['steps']} steps, "
+                         "peak resident memory (VmHWM) of the training process",
+                         f"{runs['with cache']['max_rss_mib']:.0f} MiB with the cache, "
+                         f"{runs['without cache']['max_rss_mib']:.0f} MiB without "
+                         f"({runs['with cache']['max_rss_after_imports_mib']:.0f} MiB after imports)",
+                         "", "", ""))
+
+    for name, latency in results.get("inference", {}).items():
+        problem = _failed(latency)
+        rows.append(_line(f"inference latency, `{name}`",
+                         "" if problem else f"`predict()`: one {latency['image']} image and expression",
+                         problem or f"{seconds(latency['median_s'])} (best {seconds(latency['best_s'])}; "
+                         f"{seconds(latency['median_cpu_s'])} of CPU time on {latency['threads']} threads)",
+                         "", "", ""))
+    evaluation = results.get("evaluation")
+    problem = _failed(evaluation)
+    rows.append(_line("evaluation throughput",
+                     "" if problem else f"undo letterbox ({evaluation['input_size']} logits) + `evaluate_masks` "
+                     f"at ReferIt sizes",
+                     problem or f"{evaluation['samples_per_s']:.0f} samples/s "
+                     f"(the {evaluation['referit_test_pairs']:,} test pairs in {seconds(evaluation['referit_test_s'])})",
+                     "", "", ""))
+
+    features = results.get("feature_cache")
+    problem = _failed(features)
+    if problem:
+        rows.append(_line("feature cache at paper scale", "", problem, "", "", ""))
+    else:
+        shape = "x".join(str(s) for s in features["shape"][1:])
+        rows.append(_line("feature cache at paper scale",
+                         f"{features['backbone']} at {features['input_size']}: {shape} {features['dtype']} "
+                         f"per image, built on {features['images']} images",
+                         f"{features['images_per_s']:.2f} images/s; {features['training_images']:,} training "
+                         f"images: **{features['projected_bytes'] / 1e9:.2f} GB** "
+                         f"({features['projected_bytes'] / GIB:.2f} GiB), "
+                         f"**{seconds(features['projected_build_s'])}** at this run's speed, "
+                         f"{seconds(features['projected_build_idle_s'])} on {features['threads']} idle CPUs",
+                         "", "", ""))
+
+    gpu = results.get("gpu")
+    problem = _failed(gpu)
+    if problem:
+        rows.append(_line("GPU training, `paper`", "channels_last, bf16 autocast, pinned loader", problem, "", "", ""))
+    else:
+        for key, timing in gpu["timings"].items():
+            rows.append(_line(f"GPU training, `paper`, {key}",
+                             f"{gpu['gpu']}, channels_last, bf16, {gpu['num_workers']} loader workers",
+                             f"{timing['steps_per_s']:.1f} steps/s", flops(timing["flops"]),
+                             flops(timing["flops_per_s"], True),
+                             percent(timing["flops_per_s"] / results["gpu_peak"]["flops_per_s"])
+                             if "flops_per_s" in results.get("gpu_peak", {}) else ""))
+        for variant, total in gpu["projected_schedule_s"].items():
+            rows.append(_line(f"&nbsp;&nbsp;{gpu['iterations']:,} iterations ({variant})", "projected",
+                             seconds(total), "", "", ""))
+
+    notebooks = results.get("notebooks")
+    problem = _failed(notebooks)
+    if problem:
+        rows.append(_line("the `cpu` book", "papermill durations", problem, "", "", ""))
+    else:
+        which = ", ".join(notebooks["profiles"])
+        verdict = (("within" if notebooks["within_budget"] else "over") + f" the {seconds(notebooks['budget_s'])} budget"
+                   if notebooks["cpu_book"] else f"profile {which}: the `cpu` book is not measured")
+        rows.append(_line("the book's notebooks", f"{len(notebooks['notebooks'])} notebooks, profile {which}",
+                         f"{seconds(notebooks['total_s'])} in all ({verdict})", "", "", ""))
+    return rows
+
+
+def details(results: dict[str, Any]) -> list[str]:
+    """Smaller tables: FLOPs by part, CPU set-ups of the convolutions, notebooks, GPU."""
+    lines: list[str] = []
+    paper = results.get("training_step", {}).get("paper")
+    if paper and not _failed(paper):
+        lines += ["", f"FLOPs of one `paper` training step by part (FlopCounterMode, batch {paper['batch_size']}; "
+                  "forward only for the frozen convolutions, forward and backward elsewhere):", "",
+                  _row("part", "FLOPs", "share"), _row("---", "---", "---")]
+        for part, value in sorted(paper["flop_parts"].items(), key=lambda item: -item[1]):
+            lines.append(_row(part, flops(value), percent(value / paper["flops"])))
+        lines += ["", f"Phases of the `paper` step (median of {paper['steps']} steps; CPU seconds summed over "
+                  f"{paper['threads']} threads):", "", _row("phase", "wall clock", "CPU"), _row("---", "---", "---")]
+        for phase, wall in paper["phases_s"].items():
+            lines.append(_row(phase, seconds(wall), seconds(paper["phases_cpu_s"][phase])))
+    configurations = results.get("backbone_configurations")
+    if configurations and not _failed(configurations):
+        peak = results["peak"]["flops_per_s"]
+        lines += ["", "The frozen convolutions' forward pass under each CPU set-up "
+                  f"({configurations['results'][0]['images']} image at {configurations['results'][0]['input_size']}, "
+                  "best of several); the training step uses the fastest per CPU-second:", "",
+                  _row("memory format", "oneDNN", "time", "FLOP/s", "of peak", "of peak per CPU-second"),
+                  _row(*["---"] * 6)]
+        per_cpu = results["peak"].get("flops_per_cpu_s")
+        for entry in configurations["results"]:
+            lines.append(_row(entry["memory_format"].replace("_", " "), "on" if entry["mkldnn"] else "off",
+                              seconds(entry["seconds"]), flops(entry["flops_per_s"], True),
+                              percent(entry["flops_per_s"] / peak),
+                              percent(entry["flops_per_cpu_s"] / per_cpu) if entry.get("flops_per_cpu_s") and per_cpu
+                              else "-"))
+    features = results.get("feature_cache")
+    if features and not _failed(features):
+        lines += ["", f"Feature cache check at the paper's per-image shape: a {features['dtype']} memory map "
+                  f"({features['memory_mapped']}), valid on reload ({features['valid_on_reload']}), "
+                  f"{features['file_bytes']:,} bytes for {features['images']} images, largest difference to "
+                  f"the backbone's own output {features['max_relative_error']:.1e} of its largest value."]
+    notebooks = results.get("notebooks")
+    if notebooks and not _failed(notebooks):
+        lines += ["", _row("notebook", "profile", "time"), _row("---", "---", "---")]
+        for row in notebooks["notebooks"]:
+            lines.append(_row(row["notebook"], row["profile"], seconds(row["seconds"])))
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The whole page: who measured what where, the summary table, then the details."""
+    machine = results["machine"]
+    load = results["load_average"]
+    peak = results["peak"]
+    threads = machine["torch_threads"]
+    # the bench itself keeps about `threads` CPUs busy: more than that at the end is someone else
+    busy = load["start"][:1] > [0.5] or load["end"][:1] > [threads + 0.5]
+    oversubscribed = load["start"][:1] > [machine["usable_cpus"] - threads + 0.5]
+    header = [
+        f"Measured on {results['date'][:10]} by `{results['command']}` in {seconds(results['seconds'])}"
+        + (" (quick mode: tiny sizes, not the real figures)" if results.get("quick") else "") + ".",
+        f"Machine: {machine['cpu']} ({machine['usable_cpus']} CPUs, {machine['cpu_capability']}), "
+        f"torch {machine['torch']} with {threads} threads, oneDNN {'on' if machine['mkldnn'] else 'off'}, "
+        f"GPU: {machine['gpu'] or 'none'}.",
+        f"Load average (1, 5, 15 min) at the start {load['start']}, at the end {load['end']}"
+        + (f": other work shared the {machine['usable_cpus']} CPUs, so every figure here is noisy"
+           if busy else "") + "; ratios to the peak are measured in the same run."
+        + (" With more runnable work than CPUs, threads of one operation wait for each other while the "
+           "system runs someone else's, which slows many small multithreaded operations (the `cpu` profile's "
+           "steps) far more than a few large ones; `--threads 1` measures them with less of that."
+           if oversubscribed and threads > 1 else ""),
+        "Peak (dense matmul, measured "
+        + ", ".join(f"{key}: {flops(entry['flops_per_s'], True)}" for key, entry in peak.items()
+                    if isinstance(entry, dict) and "flops_per_s" in entry)
+        + "); the best is the yardstick. Under load, FLOPs per CPU-second (process time over all threads) "
+        "compare better than FLOP/s: other work takes CPU time from the bench, not from the arithmetic.",
+    ]
+    return "\n".join(["\n\n".join(header), "", *summary_rows(results), *details(results)]) + "\n"
