@@ -61,4 +61,12 @@ def run_baseline(name: str, run_dir: str | Path, split: str = "test", device: st
         from referseg.baselines.common import Run
 
         run = Run(run_dir, device=device)
-    return evaluate_baseline(run, cls.name, split=split, mode=mode, settings=settings)
+    from referseg.evaluate import paper_table
+
+    summaries = evaluate_baseline(run, cls.name, split=split, mode=mode, settings=settings)
+    first = next(iter(summaries.values()))
+    print(f"{cls.name} on {run.profile.dataset} {split} ({first['samples']} pairs), {first['mode']} mode, in %; "
+          f"fit {first['fit_seconds']:.1f} s, fit + test {first['seconds'] * len(summaries):.1f} s; "
+          f"results in {run.eval_dir}")
+    print(paper_table(summaries).to_string())
+    return summaries
