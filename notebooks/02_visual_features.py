@@ -186,16 +186,21 @@ def norm_maps(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return before.cpu().numpy(), after.cpu().numpy()
 
 
-if paper_fc8 is not None:
-    before, after = norm_maps(paper_fc8)
+def plot_norms(features: torch.Tensor, title: str) -> None:
+    """The two norm maps side by side; the second on a scale from 0, so that it shows as uniform."""
+    before, after = norm_maps(features)
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
-    for ax, values, title in ((axes[0], before, "fc8 norm per position (random VGG-16)"),
-                              (axes[1], after, "after L2 normalisation")):
-        im = ax.imshow(values, cmap="viridis")
-        ax.set_title(title)
+    for ax, values, name, scale in ((axes[0], before, title, (None, None)),
+                                    (axes[1], after, "after L2 normalisation: all 1", (0, 1.2))):
+        im = ax.imshow(values, cmap="viridis", vmin=scale[0], vmax=scale[1])
+        ax.set_title(name)
         ax.axis("off")
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
+
+
+if paper_fc8 is not None:
+    plot_norms(paper_fc8, "fc8 norm per position (random VGG-16)")
 else:
     print("(needs the paper forward pass; see this run's network below for the same figure)")
 
@@ -291,15 +296,7 @@ viz.channel_grid(features[0, top], [f"channel {c}" for c in top], ncols=8,
 # classifier receives a unit vector.
 
 # %% tags=["hide-input"]
-before, after = norm_maps(visual)
-fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
-for ax, values, title in ((axes[0], before, f"fc8 norm per position ({cfg.name}, untrained head)"),
-                          (axes[1], after, "after L2 normalisation")):
-    im = ax.imshow(values, cmap="viridis")
-    ax.set_title(title)
-    ax.axis("off")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-fig.tight_layout()
+plot_norms(visual, f"fc8 norm per position ({cfg.name}, untrained head)")
 
 # %% [markdown]
 # ## Exercises

@@ -225,12 +225,13 @@ print(f"{100 * partial / total:.1f}% of positive cells are only partly foregroun
 
 # %% [markdown]
 # 4. *(harder)* Measure the cell IoU of the low-resolution model on the validation split,
-#    grouped by expression type. Which types are hardest, and why? (Hint: group the pairs by
-#    image so that each image goes through the backbone once.)
+#    grouped by expression type (the first 40 validation images are enough). Which types are
+#    hardest, and why? (Hint: group the pairs by image so that each image goes through the
+#    backbone once.)
 
 # %% tags=["solution", "hide-cell"]
 val_rows = []
-for val_image_id, val_pairs in viz.pairs_by_image(refer.pairs("val")).items():
+for val_image_id, val_pairs in list(viz.pairs_by_image(refer.pairs("val")).items())[:40]:
     logits = viz.expression_logits(model, refer.load_image(val_image_id), [p.expression for p in val_pairs],
                                    vocab, run_profile)
     for pair, cell_logits in zip(val_pairs, logits):

@@ -273,13 +273,16 @@ removed = default_mask & ~official_mask
 print(f"official mode adds {added.sum()} pixels and removes {removed.sum()} on this example "
       f"({default_mask.sum()} foreground pixels in the default mode)")
 rows, cols = np.nonzero(default_mask ^ official_mask) if (default_mask ^ official_mask).any() else ([0], [0])
-top, left = max(int(np.mean(rows)) - 40, 0), max(int(np.mean(cols)) - 40, 0)
-crop = (slice(top, top + 80), slice(left, left + 80))
+middle = len(rows) // 2  # a changed pixel on the outline, in the middle of the list
+top, left = max(int(rows[middle]) - 30, 0), max(int(cols[middle]) - 30, 0)
+crop = (slice(top, top + 60), slice(left, left + 60))
 difference = viz.overlay(viz.overlay(image, added, (255, 220, 0), alpha=0.9, outline=False), removed,
                          (0, 120, 255), alpha=0.9, outline=False)
-viz.image_grid([viz.overlay(image, default_mask)[crop], viz.overlay(image, official_mask)[crop], difference[crop]],
+viz.image_grid([viz.overlay(image, default_mask, outline=False)[crop],
+                viz.overlay(image, official_mask, outline=False)[crop], difference[crop]],
                ["default (logits, then > 0)", "official (0/1 map resized, > 0)",
-                "yellow: added by the official mode; blue: removed"], ncols=3, width=3.2);
+                "yellow: added by the official mode; blue: removed"], ncols=3, width=3.2,
+               suptitle="a 60x60 pixel crop on the outline of the first best case");
 
 # %% [markdown]
 # ## Exercises
@@ -336,5 +339,6 @@ f = per_sample[best_method]
 by_t = f.groupby("type").apply(lambda g: pd.Series({
     "pairs": len(g), "P@0.5 (%)": round(100 * (g["iou"] >= 0.5).mean(), 1),
     "overall IoU (%)": round(100 * g["intersection"].sum() / g["union"].sum(), 1)}), include_groups=False)
+by_t["pairs"] = by_t["pairs"].astype(int)
 by_t["gap"] = by_t["overall IoU (%)"] - by_t["P@0.5 (%)"]
 by_t.sort_values("gap")
