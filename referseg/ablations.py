@@ -32,13 +32,12 @@ if TYPE_CHECKING:
 
 REFERENCE = "reference"
 ABLATIONS_DIR = "ablations"
-RESULT_FILE = "result.json"
 PLAN_FILE = "plan.json"
 # SynthRef expression types that name a place in the image ("circle on the left", "leftmost one");
 # the spatial channels should matter most for these (SynthRef's `type` tag, DESIGN "SynthRef").
 POSITION_TYPES = ("position", "superlative")
 RESULT_COLUMNS = (
-    "variant", "group", "label", "seed", "status", "stage", "iterations", "train_s", "samples",
+    "variant", "group", "label", "seed", "status", "stage", "iterations", "train_s", "run_s", "cpu_s", "samples",
     "overall_iou", "ci_low", "ci_high", "mean_iou", "position_iou", "other_iou",
 )
 
@@ -212,6 +211,11 @@ def bootstrap_difference(intersections_a: Sequence | np.ndarray, unions_a: Seque
 # --- training and evaluating one variant -----------------------------------------------------------
 
 
+def result_file(folder: Path, stage: int) -> Path:
+    """The saved result of a run folder evaluated after ``stage`` (stage-1 and stage-2 results coexist)."""
+    return folder / f"result-stage{stage}.json"
+
+
 def variant_dir(run_dir: str | Path, variant: str, seed: int) -> Path:
     """``<run_dir>/ablations/<variant>/seed<seed>``: one trained and evaluated run."""
     return Path(run_dir) / ABLATIONS_DIR / variant / f"seed{seed}"
@@ -320,10 +324,10 @@ def run_variant(profile: Profile, variant: Variant, seed: int, run_dir: str | Pa
                 device: str = "auto", resamples: int = 1000, progress: bool = False) -> dict[str, Any]:
     """Train (or reuse) and evaluate one (variant, seed); write and return its ``result.json`` row."""
     folder = variant_dir(run_dir, variant.name, seed)
-    result_file = folder / RESULT_FILE
+    saved_file = result_file(folder, max(stages))
     profile_dict = json.loads(json.dumps(profile.to_dict()))
-    if result_file.is_file():
-        saved = json.loads(result_file.read_text())
+    if saved_file.is_file():
+        saved = json.loads(saved_file.read_text())
         if saved.get("profile") == profile_dict and saved.get("stages") == list(stages):
             return {**saved["row"], "status": "reused"}
     stale = _stale(folder, profile)
@@ -338,6 +342,7 @@ def run_variant(profile: Profile, variant: Variant, seed: int, run_dir: str | Pa
     row: dict[str, Any] = {"variant": variant.name, "group": variant.group, "label": variant.label, "seed": seed,
                            "stage": max(stages), "iterations": "/".join(str(getattr(profile, f"stage{s}").iterations)
                                                                         for s in stages)}
+    wall, cpu = time.perf_counter(), time.process_time()
     try:
         seconds = train_stages(profile, folder, stages, device, progress)
     except TrainingDivergedError as err:
@@ -347,9 +352,10 @@ def run_variant(profile: Profile, variant: Variant, seed: int, run_dir: str | Pa
     import pandas as pd
 
     row.update(status="trained", train_s=round(sum(seconds.values()), 2),
+               run_s=round(time.perf_counter() - wall, 2), cpu_s=round(time.process_time() - cpu, 2),
                stage_seconds={str(k): v for k, v in seconds.items()},
                **summarize_samples(pd.read_csv(csv, keep_default_na=False), resamples, seed))
-    atomic_write_text(result_file, json.dumps({"profile": profile_dict, "stages": list(stages), "row": row,
+    atomic_write_text(saved_file, json.dumps({"profile": profile_dict, "stages": list(stages), "row": row,
                                                "samples_csv": str(csv.relative_to(folder))}, indent=2) + "\n")
     return row
 
@@ -411,44 +417,22 @@ def time_matched_profile(reference: Profile, variant: Variant, seed: int, run_di
 # --- the whole grid ------------------------------------------------------------------------------
 
 
-def run_ablations(reference: Profile, variants: Sequence[Variant], run_dir: str | Path, seeds: Sequence[int] = (0,),
-                  stages: Sequence[int] = (1, 2), device: str = "auto", budget_s: float | None = None,
-                  resamples: int = 1000, probe_iterations: int = 10, progress: bool = True) -> pd.DataFrame:
-    """Train and evaluate every (variant, seed); one row each, saved as ``ablations/results.csv`` and ``.json``.
-
-    Seeds run in order, all variants of one seed before the next seed. Finished runs are
-    reused. With ``budget_s``, a run that would probably end past the budget (judged from
-    the runs trained so far) is skipped and marked so. Variants needing stage 2 (their
-    overrides touch ``stage2``) are skipped when ``stages`` has no stage 2.
-    """
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    stages = tuple(sorted(set(stages)))
-    if not stages or set(stages) - {1, 2} or stages[0] != 1:
-        raise ValueError(f"stages={stages}: use (1,) for the low-resolution model or (1, 2) for both")
-    names = [v.name for v in variants]
-    if REFERENCE not in names:
-        raise ValueError(f"the grid must include the {REFERENCE!r} variant: every variant is compared with it")
-    if len(set(names)) != len(names):
-        raise ValueError(f"variant names must be unique: {names}")
-    variants = sorted(variants, key=lambda v: (v.name != REFERENCE, v.time_matched))  # reference first
-    run_dir = Path(run_dir)
-    out_dir = run_dir / ABLATIONS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started, durations, rows = time.perf_counter(), [], []
+def _run_jobs(jobs: Any, reference: Profile, run_dir: Path, stages: tuple[int, ...], device: str,
+              budget_s: float | None, resamples: int, probe_iterations: int, started: float) -> list[dict[str, Any]]:
+    """The loop of :func:`run_ablations`: one row per (seed, variant) job, in order."""
+    durations: list[float] = []
+    rows: list[dict[str, Any]] = []
     reference_seconds: dict[int, dict[int, float]] = {}
-    jobs = [(seed, v) for seed in seeds for v in variants]
-    bar = tqdm(jobs, desc="ablations", unit="run", disable=not progress)
-    for seed, variant in bar:
-        bar.set_postfix_str(f"{variant.name} seed {seed}")
+    for seed, variant in jobs:
+        if hasattr(jobs, "set_postfix_str"):
+            jobs.set_postfix_str(f"{variant.name} seed {seed}")
         base = {"variant": variant.name, "group": variant.group, "label": variant.label, "seed": seed}
         if "stage2" in variant.overrides and 2 not in stages:
             rows.append({**base, "status": "skipped: needs stage 2"})
             continue
         elapsed = time.perf_counter() - started
         if budget_s is not None and durations and elapsed + float(np.mean(durations)) > budget_s:
-            if not (variant_dir(run_dir, variant.name, seed) / RESULT_FILE).is_file():
+            if not result_file(variant_dir(run_dir, variant.name, seed), max(stages)).is_file():
                 rows.append({**base, "status": f"skipped: budget ({budget_s:.0f} s)"})
                 continue
         run_start = time.perf_counter()
@@ -466,7 +450,49 @@ def run_ablations(reference: Profile, variants: Sequence[Variant], run_dir: str 
         if variant.name == REFERENCE and "stage_seconds" in row:
             reference_seconds[seed] = {int(k): v for k, v in row["stage_seconds"].items()}
         rows.append(row)
-    bar.close()
+    return rows
+
+
+def run_ablations(reference: Profile, variants: Sequence[Variant], run_dir: str | Path, seeds: Sequence[int] = (0,),
+                  stages: Sequence[int] = (1, 2), device: str = "auto", budget_s: float | None = None,
+                  resamples: int = 1000, probe_iterations: int = 10, threads: int | None = None,
+                  progress: bool = True) -> pd.DataFrame:
+    """Train and evaluate every (variant, seed); one row each, saved as ``ablations/results.csv`` and ``.json``.
+
+    Seeds run in order, all variants of one seed before the next seed. Finished runs are
+    reused. With ``budget_s``, a run that would probably end past the budget (judged from
+    the runs trained so far) is skipped and marked so. Variants needing stage 2 (their
+    overrides touch ``stage2``) are skipped when ``stages`` has no stage 2. ``threads`` sets
+    PyTorch's CPU threads for the runs (restored afterwards): on a machine whose cores are
+    busy with other work, one thread is often faster than a pool.
+    """
+    import pandas as pd
+    import torch
+    from tqdm.auto import tqdm
+
+    stages = tuple(sorted(set(stages)))
+    if not stages or set(stages) - {1, 2} or stages[0] != 1:
+        raise ValueError(f"stages={stages}: use (1,) for the low-resolution model or (1, 2) for both")
+    names = [v.name for v in variants]
+    if REFERENCE not in names:
+        raise ValueError(f"the grid must include the {REFERENCE!r} variant: every variant is compared with it")
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names must be unique: {names}")
+    variants = sorted(variants, key=lambda v: (v.name != REFERENCE, v.time_matched))  # reference first
+    run_dir = Path(run_dir)
+    out_dir = run_dir / ABLATIONS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    jobs = [(seed, v) for seed in seeds for v in variants]
+    bar = tqdm(jobs, desc="ablations", unit="run", disable=not progress)
+    default_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        rows = _run_jobs(bar, reference, run_dir, stages, device, budget_s, resamples, probe_iterations, started)
+    finally:
+        torch.set_num_threads(default_threads)
+        bar.close()
     frame = pd.DataFrame(rows)
     for column in RESULT_COLUMNS:
         if column not in frame:
@@ -484,16 +510,17 @@ def run_ablations(reference: Profile, variants: Sequence[Variant], run_dir: str 
     return frame
 
 
-def load_samples(run_dir: str | Path, variant: str, seeds: Sequence[int]) -> pd.DataFrame | None:
-    """Per-sample results of a variant's finished seeds, stacked (a ``seed`` column); None when none finished."""
+def load_samples(run_dir: str | Path, variant: str, seeds: Sequence[int], stage: int = 2) -> pd.DataFrame | None:
+    """Per-sample results of a variant's finished seeds after ``stage``, stacked (a ``seed`` column);
+    None when none finished."""
     import pandas as pd
 
     frames = []
     for seed in seeds:
         folder = variant_dir(run_dir, variant, seed)
-        result_file = folder / RESULT_FILE
-        if result_file.is_file():
-            csv = folder / json.loads(result_file.read_text())["samples_csv"]
+        saved = result_file(folder, stage)
+        if saved.is_file():
+            csv = folder / json.loads(saved.read_text())["samples_csv"]
             frames.append(pd.read_csv(csv, keep_default_na=False).assign(seed=seed))
     return pd.concat(frames, ignore_index=True) if frames else None
 
@@ -520,12 +547,13 @@ def comparison_table(run_dir: str | Path, results: pd.DataFrame, reference: Prof
     seeds = sorted(done["seed"].unique().tolist())
     position: Callable[[Any], np.ndarray] = lambda part: part["type"].isin(POSITION_TYPES).to_numpy()  # noqa: E731
     other: Callable[[Any], np.ndarray] = lambda part: ~part["type"].isin(POSITION_TYPES).to_numpy()  # noqa: E731
-    ref_samples = load_samples(run_dir, REFERENCE, seeds)
+    stage = int(done["stage"].max()) if len(done) else 2
+    ref_samples = load_samples(run_dir, REFERENCE, seeds, stage)
     ref_labels = reference_labels(reference)
     rows = []
     for name, part in done.groupby("variant", sort=False):
         variant_seeds = sorted(part["seed"].tolist())
-        samples = load_samples(run_dir, name, variant_seeds)
+        samples = load_samples(run_dir, name, variant_seeds, stage)
         if samples is None:
             continue
         inter, union = counts_by_seed(samples)
@@ -551,3 +579,68 @@ def comparison_table(run_dir: str | Path, results: pd.DataFrame, reference: Prof
                     row[f"Δ {title} low"], row[f"Δ {title} high"] = 100 * d_low, 100 * d_high
         rows.append(row)
     return pd.DataFrame(rows).set_index("variant")
+
+
+# --- reading the results: sentences and figures -------------------------------------------------
+
+SUBSETS = {"all": "all expressions", "position": "position expressions", "other": "other expressions"}
+
+
+def describe_difference(table: pd.DataFrame, variant: str, subset: str = "all") -> str:
+    """One sentence, from the numbers, on how ``variant`` differs from the reference on ``subset``.
+
+    A difference counts as measured only when its 95% paired bootstrap interval excludes 0.
+    """
+    if variant not in table.index:
+        return f"{variant}: not run (see the status column of the results)."
+    row = table.loc[variant]
+    key = f"Δ {subset}"
+    if key not in row or not np.isfinite(row[key]):
+        return f"{row['label']}: no {SUBSETS[subset]} to compare."
+    diff, low, high = row[key], row[f"{key} low"], row[f"{key} high"]
+    if low > 0:
+        verdict = f"raises overall IoU on {SUBSETS[subset]} by {diff:.1f} points"
+    elif high < 0:
+        verdict = f"lowers overall IoU on {SUBSETS[subset]} by {-diff:.1f} points"
+    else:
+        verdict = f"changes overall IoU on {SUBSETS[subset]} by {diff:+.1f} points, which is within the noise"
+    seeds = int(row["seeds"])
+    return (f"{row['group']} = {row['label']} {verdict} (95% CI {low:+.1f} to {high:+.1f}; "
+            f"{seeds} seed{'s' if seeds > 1 else ''}).")
+
+
+def plot_group(table: pd.DataFrame, variants: Sequence[str], subsets: Sequence[str] = ("all", "position", "other"),
+               axes: Any = None, title: str | None = None) -> Any:
+    """Left: overall IoU of the reference and the variants with 95% CIs; right: the paired
+    differences to the reference per expression subset, with their 95% CIs."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(11, 0.5 + 0.55 * (len(variants) + 1)),
+                               gridspec_kw={"width_ratios": [1, 1.2]})
+    names = [n for n in (REFERENCE, *variants) if n in table.index]
+    rows = table.loc[names]
+    y = np.arange(len(names))[::-1]
+    errors = np.vstack([rows["overall IoU"] - rows["CI low"], rows["CI high"] - rows["overall IoU"]])
+    axes[0].errorbar(rows["overall IoU"], y, xerr=errors, fmt="o", capsize=4, color="black")
+    labels = ["reference" if n == REFERENCE else rows.loc[n, "label"] for n in names]
+    axes[0].set_yticks(y, labels)
+    axes[0].set_xlabel("overall IoU (%) with 95% CI")
+    others = [n for n in names if n != REFERENCE]
+    subsets = [s for s in subsets if f"Δ {s}" in table.columns]
+    height = 0.8 / max(len(subsets), 1)
+    y_var = np.arange(len(others))[::-1]
+    for k, subset in enumerate(subsets):
+        part = table.loc[others]
+        offset = (k - (len(subsets) - 1) / 2) * height
+        err = np.vstack([part[f"Δ {subset}"] - part[f"Δ {subset} low"], part[f"Δ {subset} high"] - part[f"Δ {subset}"]])
+        axes[1].errorbar(part[f"Δ {subset}"], y_var - offset, xerr=err, fmt="o", capsize=3, label=SUBSETS[subset])
+    axes[1].axvline(0, color="grey", lw=1, ls="--")
+    axes[1].set_yticks(y_var, [table.loc[n, "label"] for n in others])
+    axes[1].set_xlabel("difference to the reference (points) with 95% paired CI")
+    if len(subsets) > 1:
+        axes[1].legend(loc="best", fontsize="small")
+    if title:
+        axes[0].figure.suptitle(title)
+    axes[0].figure.tight_layout()
+    return axes
