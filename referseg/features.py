@@ -119,6 +119,7 @@ class FeatureCache:
         self.model.eval()
         fd, tmp_name = tempfile.mkstemp(dir=self.folder, prefix=f".{self.name}.", suffix=".npy.tmp")
         os.close(fd)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; the cache is an ordinary file
         array = None
         try:
             bar = tqdm(total=count, desc="features", unit="img", disable=not self.progress)
