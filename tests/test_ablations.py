@@ -125,7 +125,7 @@ def test_runner_trains_evaluates_and_reuses_finished_variants(reference, tmp_pat
     # the files: per-run result and samples, the table, shared features, the slim plan
     for name in (REFERENCE, "spatial-0"):
         folder = variant_dir(run_dir, name, 0)
-        saved = json.loads((folder / "result.json").read_text())
+        saved = json.loads((folder / "result-stage1.json").read_text())
         assert saved["profile"]["spatial_channels"] == (0 if name == "spatial-0" else 8)
         assert (folder / saved["samples_csv"]).is_file()
         assert (folder / "features").is_symlink()
