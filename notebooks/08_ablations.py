@@ -46,7 +46,7 @@ device = "auto"  # auto (CUDA when available), cpu or cuda
 seed = 0  # the first seed; also seeds the bootstrap
 overrides = {}  # profile overrides applied to the reference and every variant
 seeds = None  # seeds to train each variant with, e.g. [0, 1, 2]; None: [seed]
-iteration_fraction = 0.25  # every variant trains this fraction of the profile's iterations per stage
+iteration_fraction = 0.2  # every variant trains this fraction of the profile's iterations per stage
 stage1_iterations = None  # or an explicit count (overrides iteration_fraction for stage 1)
 stage2_iterations = None  # or an explicit count for stage 2
 budget_s = 600  # runs that would end past this many seconds are skipped (and marked so); None: no limit
@@ -238,10 +238,10 @@ if plan_file.is_file():
     trained = results[results["status"].isin(["trained", "reused"])].set_index(["variant", "seed"])["train_s"]
     print("measured training time (s): " + ", ".join(f"{name} seed {s}: {t:.1f}" for (name, s), t in trained.items()
                                                       if name in (ablations.REFERENCE, slim)))
+print(ablations.describe_difference(table, slim))
 if slim in table.index:
     ablations.plot_group(table, [slim], title="backbone")
     plt.show()
-    print(ablations.describe_difference(table, slim))
     samples = {name: ablations.load_samples(run_dir, name, seeds) for name in (ablations.REFERENCE, slim)}
     by_region = pd.DataFrame({name: 100 * s.groupby("region")["intersection"].sum() / s.groupby("region")["union"].sum()
                               for name, s in samples.items() if s is not None}).round(1)

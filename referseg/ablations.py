@@ -459,7 +459,8 @@ def run_ablations(reference: Profile, variants: Sequence[Variant], run_dir: str 
                   progress: bool = True) -> pd.DataFrame:
     """Train and evaluate every (variant, seed); one row each, saved as ``ablations/results.csv`` and ``.json``.
 
-    Seeds run in order, all variants of one seed before the next seed. Finished runs are
+    Seeds run in order, all variants of one seed before the next seed (the reference first,
+    then the time-matched variants, then the others in the given order). Finished runs are
     reused. With ``budget_s``, a run that would probably end past the budget (judged from
     the runs trained so far) is skipped and marked so. Variants needing stage 2 (their
     overrides touch ``stage2``) are skipped when ``stages`` has no stage 2. ``threads`` sets
@@ -478,7 +479,9 @@ def run_ablations(reference: Profile, variants: Sequence[Variant], run_dir: str 
         raise ValueError(f"the grid must include the {REFERENCE!r} variant: every variant is compared with it")
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must be unique: {names}")
-    variants = sorted(variants, key=lambda v: (v.name != REFERENCE, v.time_matched))  # reference first
+    # the reference first, then the time-matched variants (they need its time), so that a tight
+    # budget skips one of the cheap variants rather than the comparison that needs the probe
+    variants = sorted(variants, key=lambda v: (v.name != REFERENCE, not v.time_matched))
     run_dir = Path(run_dir)
     out_dir = run_dir / ABLATIONS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)

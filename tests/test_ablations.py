@@ -116,7 +116,8 @@ def test_runner_trains_evaluates_and_reuses_finished_variants(reference, tmp_pat
     results = run_ablations(reference, variants, run_dir, seeds=(0,), stages=(1,), device="cpu", resamples=200,
                             probe_iterations=3, progress=False)
     assert results["status"].tolist() == ["trained"] * 3
-    assert results["iterations"].tolist()[:2] == ["6", "6"]
+    assert results["variant"].tolist() == [REFERENCE, "slim-vgg16-scratch", "spatial-0"]  # time-matched 2nd
+    assert results.set_index("variant").loc[[REFERENCE, "spatial-0"], "iterations"].tolist() == ["6", "6"]
     for column in ("overall_iou", "ci_low", "ci_high"):
         assert results[column].between(0, 1).all()
     assert (results["ci_low"] <= results["overall_iou"] + 1e-12).all()
@@ -131,7 +132,7 @@ def test_runner_trains_evaluates_and_reuses_finished_variants(reference, tmp_pat
         assert (folder / "features").is_symlink()
     assert list((run_dir / "features").glob("*.npy")), "the variants share the run's feature cache"
     table = json.loads((run_dir / "ablations" / "results.json").read_text())
-    assert [row["variant"] for row in table["rows"]] == [REFERENCE, "spatial-0", "slim-vgg16-scratch"]
+    assert [row["variant"] for row in table["rows"]] == [REFERENCE, "slim-vgg16-scratch", "spatial-0"]
     plan = json.loads((run_dir / "ablations" / "slim-vgg16-scratch" / "plan.json").read_text())
     assert plan["iterations"]["1"] >= 3 and plan["seconds_per_iteration"]["1"] > 0
     assert results.set_index("variant").loc["slim-vgg16-scratch", "iterations"] == str(plan["iterations"]["1"])
@@ -147,7 +148,7 @@ def test_runner_trains_evaluates_and_reuses_finished_variants(reference, tmp_pat
 
     # the comparison: paired differences to the reference
     compared = comparison_table(run_dir, again, reference, resamples=200)
-    assert list(compared.index) == [REFERENCE, "spatial-0", "slim-vgg16-scratch"]
+    assert list(compared.index) == [REFERENCE, "slim-vgg16-scratch", "spatial-0"]
     row = compared.loc["spatial-0"]
     assert row["Δ all low"] <= row["Δ all"] <= row["Δ all high"]
     assert row["Δ all"] == pytest.approx(row["overall IoU"] - compared.loc[REFERENCE, "overall IoU"])
