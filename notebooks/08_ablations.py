@@ -32,7 +32,7 @@
 # of the override. **Uncertainty**: each overall IoU comes with a 95% bootstrap confidence
 # interval over the test samples (the test pairs are drawn with replacement and overall IoU
 # recomputed), and each difference with a *paired* interval (both models scored on the same
-# resampled pairs), which is much narrower than two separate intervals. With several seeds
+# resampled pairs), usually much narrower than two separate intervals. With several seeds
 # the intervals average the seeds on the same resampled pairs.
 #
 # The runs go to `<run_dir>/ablations/<variant>/seed<k>/`; results are saved there and in

@@ -235,14 +235,12 @@ def share_features(run_folder: Path, shared: Path) -> None:
 
 
 def _stale(run_folder: Path, profile: Profile) -> list[str]:
-    """Differences between the run folder's saved profile and ``profile`` (empty when it matches)."""
+    """Profile fields whose saved value in the run folder differs from ``profile`` (empty when it matches)."""
     config = run_folder / "config.json"
     if not config.is_file():
         return []
-    saved = json.loads(config.read_text())
-    current = json.loads(json.dumps(profile.to_dict()))
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-            if saved.get(k) != current.get(k)]
+    saved = Profile.from_dict(json.loads(config.read_text()))
+    return sorted(profile_changes(saved, profile))
 
 
 def train_stages(profile: Profile, run_folder: Path, stages: Sequence[int], device: str = "auto",
@@ -332,7 +330,7 @@ def run_variant(profile: Profile, variant: Variant, seed: int, run_dir: str | Pa
             return {**saved["row"], "status": "reused"}
     stale = _stale(folder, profile)
     if stale:  # settings changed since that run: it is this runner's own folder, so retrain it
-        print(f"{variant.name} seed {seed}: settings changed ({'; '.join(stale[:3])}); retraining in {folder}")
+        print(f"{variant.name} seed {seed}: settings changed since its run ({', '.join(stale)}); retraining")
         shutil.rmtree(folder)  # removes the features link, never the shared cache behind it
     folder.mkdir(parents=True, exist_ok=True)
     if profile.freeze_backbone and profile.cache_features:

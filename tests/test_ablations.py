@@ -146,6 +146,16 @@ def test_runner_trains_evaluates_and_reuses_finished_variants(reference, tmp_pat
     assert np.allclose(again["overall_iou"], results["overall_iou"])
     assert checkpoint.stat().st_mtime_ns == mtime
 
+    # changed settings retrain that run in place (its folder belongs to the runner)
+    shorter = reference.replace(stage1={"iterations": 5})
+    changed = run_ablations(shorter, [grid[REFERENCE]], run_dir, seeds=(0,), stages=(1,), device="cpu",
+                            resamples=50, progress=False)
+    assert changed["status"].tolist() == ["trained"] and changed["iterations"].tolist() == ["5"]
+    saved = json.loads((variant_dir(run_dir, REFERENCE, 0) / "result-stage1.json").read_text())
+    assert saved["profile"]["stage1"]["iterations"] == 5
+    run_ablations(reference, [grid[REFERENCE]], run_dir, seeds=(0,), stages=(1,), device="cpu", resamples=200,
+                  progress=False)  # back to the grid's reference for the comparison below
+
     # the comparison: paired differences to the reference
     compared = comparison_table(run_dir, again, reference, resamples=200)
     assert list(compared.index) == [REFERENCE, "slim-vgg16-scratch", "spatial-0"]
