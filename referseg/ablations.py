@@ -106,7 +106,7 @@ def ablation_grid(reference: Profile, slim_width_mult: float = 0.25) -> list[Var
         Variant("nearest-labels", "low-resolution labels", "nearest (block centre)", {"lowres_labels": "nearest"}),
         Variant("neg-weight-1", "stage-2 negative weight", f"1 (reference: {stage2_neg:.3g})",
                 {"stage2": {"neg_weight": 1.0}}),
-        Variant("slim-vgg16-scratch", "backbone", f"slim VGG-16 x{slim_width_mult:g}, from scratch, same time",
+        Variant("slim-vgg16-scratch", "backbone", f"slim VGG-16 x{slim_width_mult:g} from scratch (same time)",
                 {"backbone": "slim_vgg16", "backbone_weights": None, "width_mult": slim_width_mult,
                  "freeze_backbone": False, "cache_features": False}, time_matched=True),
     ]
@@ -327,7 +327,7 @@ def run_variant(profile: Profile, variant: Variant, seed: int, run_dir: str | Pa
     if saved_file.is_file():
         saved = json.loads(saved_file.read_text())
         if saved.get("profile") == profile_dict and saved.get("stages") == list(stages):
-            return {**saved["row"], "status": "reused"}
+            return {**saved["row"], "group": variant.group, "label": variant.label, "status": "reused"}
     stale = _stale(folder, profile)
     if stale:  # settings changed since that run: it is this runner's own folder, so retrain it
         print(f"{variant.name} seed {seed}: settings changed since its run ({', '.join(stale)}); retraining")
@@ -612,35 +612,38 @@ def describe_difference(table: pd.DataFrame, variant: str, subset: str = "all") 
 
 def plot_group(table: pd.DataFrame, variants: Sequence[str], subsets: Sequence[str] = ("all", "position", "other"),
                axes: Any = None, title: str | None = None) -> Any:
-    """Left: overall IoU of the reference and the variants with 95% CIs; right: the paired
-    differences to the reference per expression subset, with their 95% CIs."""
+    """Left: overall IoU of the reference and the variants with 95% CIs; right, on the same rows:
+    the paired differences to the reference per expression subset, with their 95% CIs."""
     import matplotlib.pyplot as plt
 
-    if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(11, 0.5 + 0.55 * (len(variants) + 1)),
-                               gridspec_kw={"width_ratios": [1, 1.2]})
+    subsets = [s for s in subsets if f"Δ {s}" in table.columns]
     names = [n for n in (REFERENCE, *variants) if n in table.index]
+    if axes is None:
+        per_row = 0.45 if len(subsets) < 2 else 0.75
+        _, axes = plt.subplots(1, 2, figsize=(12, 1.3 + per_row * len(names)), sharey=True,
+                               gridspec_kw={"width_ratios": [1, 1.3]})
     rows = table.loc[names]
-    y = np.arange(len(names))[::-1]
+    # several questions in one figure: name the question too ("L2 normalisation: off")
+    others = [n for n in names if n != REFERENCE]
+    mixed = rows.loc[others, "group"].nunique() > 1
+    labels = ["reference" if n == REFERENCE else f"{rows.loc[n, 'group']}: {rows.loc[n, 'label']}" if mixed
+              else rows.loc[n, "label"] for n in names]
+    y = np.arange(len(names))[::-1].astype(float)
     errors = np.vstack([rows["overall IoU"] - rows["CI low"], rows["CI high"] - rows["overall IoU"]])
     axes[0].errorbar(rows["overall IoU"], y, xerr=errors, fmt="o", capsize=4, color="black")
-    labels = ["reference" if n == REFERENCE else rows.loc[n, "label"] for n in names]
     axes[0].set_yticks(y, labels)
-    axes[0].set_xlabel("overall IoU (%) with 95% CI")
-    others = [n for n in names if n != REFERENCE]
-    subsets = [s for s in subsets if f"Δ {s}" in table.columns]
-    height = 0.8 / max(len(subsets), 1)
-    y_var = np.arange(len(others))[::-1]
+    axes[0].set_xlabel("overall IoU (%), 95% CI")
+    height = 0.6 / max(len(subsets), 1)
+    y_others = y[[names.index(n) for n in others]]
+    part = table.loc[others]
     for k, subset in enumerate(subsets):
-        part = table.loc[others]
         offset = (k - (len(subsets) - 1) / 2) * height
         err = np.vstack([part[f"Δ {subset}"] - part[f"Δ {subset} low"], part[f"Δ {subset} high"] - part[f"Δ {subset}"]])
-        axes[1].errorbar(part[f"Δ {subset}"], y_var - offset, xerr=err, fmt="o", capsize=3, label=SUBSETS[subset])
+        axes[1].errorbar(part[f"Δ {subset}"], y_others - offset, xerr=err, fmt="o", capsize=3, label=SUBSETS[subset])
     axes[1].axvline(0, color="grey", lw=1, ls="--")
-    axes[1].set_yticks(y_var, [table.loc[n, "label"] for n in others])
-    axes[1].set_xlabel("difference to the reference (points) with 95% paired CI")
+    axes[1].set_xlabel("difference to the reference (points), paired 95% CI")
     if len(subsets) > 1:
-        axes[1].legend(loc="best", fontsize="small")
+        axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     if title:
         axes[0].figure.suptitle(title)
     axes[0].figure.tight_layout()
