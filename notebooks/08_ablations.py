@@ -53,7 +53,7 @@ budget_s = 600  # runs that would end past this many seconds are skipped (and ma
 resamples = 1000  # bootstrap resamples of the test set
 slim_width_mult = 0.25  # channel width of the slim VGG-16 trained from scratch
 probe_iterations = 4  # iterations of the probe run that times the slim VGG-16
-threads = 1  # PyTorch CPU threads during the runs (None: its default); on busy cores a pool of 2 can be 20x slower
+threads = None  # PyTorch CPU threads (None: its default, all cores); set 1 when other work shares the cores
 
 # %%
 import json
