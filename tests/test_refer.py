@@ -350,3 +350,13 @@ def test_load_refer_generates_synthref(tmp_path):
     assert "expression types" in dataset_stats(tmp_path / "synth")
 
 
+
+
+def test_load_refer_refuses_a_synthref_made_with_other_settings(tmp_path):
+    profile = PROFILE.replace(data_root=str(tmp_path / "synth"), synth_images=4)
+    first = load_refer(profile)
+    assert len(load_refer(profile).pairs("train")) == len(first.pairs("train"))  # reused as it is
+    with pytest.raises(FileExistsError, match="SynthRef"):
+        load_refer(profile.replace(synth_images=5))
+    with pytest.raises(FileExistsError, match="SynthRef"):
+        load_refer(profile.replace(synth_seed=1))

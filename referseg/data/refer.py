@@ -546,12 +546,14 @@ def load_refer(profile: Profile) -> Refer | OfficialReferIt:
     """
     root = Path(profile.data_root)
     if profile.dataset == "synthref":
-        if not (root / "synthref" / "instances.json").is_file():
-            from referseg.data.synthetic import generate_synthref
+        from referseg.data.synthetic import generate_synthref
 
+        if not (root / "synthref" / "instances.json").is_file():
             logger.info("SynthRef not found at %s: generating %d images (seed %d)", root,
                         profile.synth_images, profile.synth_seed)
-            generate_synthref(root, seed=profile.synth_seed, images=profile.synth_images)
+        # Returns at once when the SynthRef there has the profile's seed and size, and refuses
+        # one made with others, so a run never trains on data its profile does not describe.
+        generate_synthref(root, seed=profile.synth_seed, images=profile.synth_images)
         return Refer(root, "synthref", "synth")
     if (root / "refclef").is_dir() or not _has_official_layout(root):
         return Refer(root, "refclef", "berkeley")
