@@ -20,6 +20,30 @@ from pycocotools import mask as coco_mask
 OFFICIAL_REFERIT = Path(__file__).resolve().parents[2] / "shared" / "data" / "referit-official"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: tiny models gain nothing from threads, and on a busy machine extra
+    threads only spin. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory) -> Path:
+    """A smoke-profile SynthRef, generated once per test module."""
+    from referseg.config import get_profile
+    from referseg.data.synthetic import generate_synthref
+
+    root = tmp_path_factory.mktemp("synthref") / "smoke"
+    profile = get_profile("smoke")
+    generate_synthref(root, seed=profile.synth_seed, images=profile.synth_images, progress=False)
+    return root
+
+
 @pytest.fixture(scope="session")
 def official_referit() -> Path:
     """The official implementation's ReferIt expressions and splits (no images), or a skip."""

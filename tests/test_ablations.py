@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,25 +21,9 @@ from referseg.ablations import (
     variant_dir,
 )
 from referseg.config import get_profile
-from referseg.data.synthetic import generate_synthref
 from referseg.model.segmenter import build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared machine extra threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synthref") / "smoke"
-    profile = get_profile("smoke")
-    generate_synthref(root, seed=profile.synth_seed, images=profile.synth_images, progress=False)
-    return root
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -17,13 +17,7 @@ from referseg.predict import load_checkpoint, predict, predict_split, predict_to
 from referseg.text import Vocabulary
 from referseg.train import train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import torch
 
 from referseg.config import get_profile
 from referseg.data.refer import ReferSegDataset, build_vocab, load_refer
-from referseg.data.synthetic import generate_synthref
 from referseg.features import FeatureCache
 from referseg.losses import weighted_sigmoid_ce
 from referseg.model.segmenter import build_model
@@ -26,22 +25,7 @@ from referseg.train import (
     train,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine extra threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synthref") / "smoke"
-    profile = get_profile("smoke")
-    generate_synthref(root, seed=profile.synth_seed, images=profile.synth_images, progress=False)
-    return root
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
