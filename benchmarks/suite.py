@@ -26,8 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.machine import Stopwatch, synchronize
 from referseg.config import Profile
 from referseg.data.transforms import letterbox_image, letterbox_mask, prediction_mask
-from referseg.evaluate import evaluate_masks
 from referseg.losses import weighted_sigmoid_ce
+from referseg.metrics import evaluate_masks
 from referseg.model.backbones import build_backbone
 from referseg.model.segmenter import build_model, param_groups
 from referseg.text import Vocabulary
@@ -274,7 +274,8 @@ def peak_rss_mib() -> float:
 
 def train_steps_child(profile: Profile, run_dir: str, steps: int, threads: int) -> dict[str, Any]:
     """In a fresh process: ``referseg.train.train`` stage 1 for ``steps`` iterations; step times and peak memory."""
-    from referseg.train import read_log, train
+    from referseg.runs import read_log
+    from referseg.train import train
 
     torch.set_num_threads(threads)
     rss_start = peak_rss_mib()
@@ -459,7 +460,7 @@ def pre_resized(dataset: Any, count: int) -> PreResizedImages:
     boxed = {pid: letterbox_image(dataset.refer.load_image(pid), size).round().clip(0, 255).astype(np.uint8)
              for pid in {p.image_id for p in pairs}}
     images = np.stack([boxed[p.image_id] for p in pairs])
-    tokens = np.array([dataset.vocab.encode(p.expression, dataset.profile.seq_len) for p in pairs], dtype=np.int64)
+    tokens = dataset.tokens[rows].numpy()  # SPEC 2 ids, encoded once by the dataset
     masks = np.stack([letterbox_mask(dataset.refer.load_mask(p.ann_id), size) for p in pairs]).astype(np.uint8)
     return PreResizedImages(images, tokens, masks)
 

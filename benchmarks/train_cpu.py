@@ -15,20 +15,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from referseg.data.refer import ReferSegDataset, load_refer
-from referseg.evaluate import evaluate_masks
-from referseg.predict import load_checkpoint, predict_split
+from referseg.metrics import evaluate_masks
+from referseg.predict import predict_split
+from referseg.runs import Run, checkpoint_path, load_checkpoint
 
 
 def stage_iou(run_dir: Path, stage: int, split: str = "val", progress: bool = False) -> dict[str, float]:
     """Overall IoU on ``split`` of one stage's checkpoint: {"things", "stuff", "all"}."""
-    model, profile, vocab = load_checkpoint(run_dir / f"stage{stage}" / "checkpoint.pt")
-    refer = load_refer(profile)
-    dataset = ReferSegDataset(refer, split, vocab, profile)
-    predictions = list(predict_split(model, dataset, profile, run_dir / "features", progress=progress))
-    targets = [dataset.original_mask(i) for i in range(len(dataset))]
-    stuff = np.array([p.is_stuff for p in dataset.pairs])
-    result = {"pairs": len(dataset), "stuff_pairs": int(stuff.sum())}
+    run = Run(run_dir, progress=progress)
+    model, _, _ = load_checkpoint(checkpoint_path(run_dir, stage), run.device, profile=run.profile, vocab=run.vocab)
+    data = run.split(split)  # features from the run's cache
+    predictions = list(predict_split(model, data, progress=progress))
+    targets = [data.original_mask(i) for i in range(len(data))]
+    stuff = np.array([p.is_stuff for p in data.pairs])
+    result = {"pairs": len(data), "stuff_pairs": int(stuff.sum())}
     for name, keep in (("things", ~stuff), ("stuff", stuff), ("all", np.ones_like(stuff))):
         chosen = np.flatnonzero(keep)
         if len(chosen):
@@ -45,7 +45,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     run_dir = Path(args.run)
     for stage in (1, 2):
-        if (run_dir / f"stage{stage}" / "checkpoint.pt").is_file():
+        if checkpoint_path(run_dir, stage).is_file():
             print(json.dumps({"stage": stage, "split": args.split, **stage_iou(run_dir, stage, args.split)}))
 
 

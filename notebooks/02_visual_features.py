@@ -56,7 +56,7 @@ from referseg.data.refer import load_refer
 from referseg.data.transforms import Letterbox, letterbox_image, normalize
 from referseg.model.backbones import build_backbone, build_fc_head, vgg16_imagenet_file
 from referseg.model.segmenter import spatial_channels
-from referseg.train import resolve_device
+from referseg.runs import resolve_device
 
 viz.setup_style()
 cfg = get_profile(profile, **overrides)

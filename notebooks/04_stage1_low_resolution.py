@@ -54,8 +54,9 @@ from referseg import viz
 from referseg.config import get_profile
 from referseg.data.refer import load_refer
 from referseg.data.transforms import letterbox_mask, lowres_labels
-from referseg.predict import load_checkpoint
-from referseg.train import read_checkpoint, read_log, train
+from referseg.metrics import intersection_union, iou_from_counts, summarize_groups
+from referseg.runs import load_checkpoint, read_checkpoint, read_log
+from referseg.train import train
 
 viz.setup_style()
 cfg = get_profile(profile, **overrides)
@@ -173,7 +174,7 @@ for index, pair in enumerate(shown):
     predicted = lowres[index] > 0
     rows.append({"expression": pair.expression, "type": pair.type, "label cells": int(label.sum()),
                  "predicted cells": int(predicted.sum()),
-                 "cell IoU": round(float((label & predicted).sum() / max((label | predicted).sum(), 1)), 3)})
+                 "cell IoU": round(float(iou_from_counts(*intersection_union(predicted, label))), 3)})
 display(pd.DataFrame(rows))
 
 # %% [markdown]
@@ -237,11 +238,10 @@ for val_image_id, val_pairs in list(viz.pairs_by_image(refer.pairs("val")).items
     for pair, cell_logits in zip(val_pairs, logits):
         label = lowres_labels(letterbox_mask(refer.load_mask(pair.ann_id), run_profile.input_size), run_profile.grid)
         predicted = cell_logits > 0
-        val_rows.append({"type": pair.type, "intersection": int((label & predicted).sum()),
-                         "union": int((label | predicted).sum())})
-by_type = pd.DataFrame(val_rows).groupby("type")[["intersection", "union"]].sum()
-by_type["overall cell IoU"] = (by_type["intersection"] / by_type["union"]).round(3)
-by_type.sort_values("overall cell IoU")
+        val_rows.append(dict(zip(("type", "intersection", "union"), (pair.type, *intersection_union(predicted, label)))))
+by_type = pd.Series({kind: round(s["overall_iou"], 3)
+                     for kind, s in summarize_groups(pd.DataFrame(val_rows), "type").items()}, name="overall cell IoU")
+by_type.sort_values().to_frame()
 
 # %% [markdown] tags=["solution"]
 # ```{admonition} Discussion

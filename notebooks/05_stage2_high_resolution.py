@@ -56,10 +56,10 @@ from referseg import viz
 from referseg.config import get_profile
 from referseg.data.refer import load_refer
 from referseg.data.transforms import letterbox_mask, prediction_mask
-from referseg.evaluate import intersection_union
+from referseg.metrics import intersection_union, iou_from_counts
 from referseg.model.segmenter import bilinear_kernel
-from referseg.predict import load_checkpoint
-from referseg.train import read_checkpoint, read_log, train
+from referseg.runs import load_checkpoint, read_checkpoint, read_log
+from referseg.train import train
 
 viz.setup_style()
 cfg = get_profile(profile, **overrides)
@@ -160,8 +160,7 @@ rows = []
 for index, pair in enumerate(shown):
     row = {"expression": pair.expression, "type": pair.type}
     for name in masks:
-        inter, union = intersection_union(masks[name][index], targets[index])
-        row[f"IoU, {name}"] = round(inter / max(union, 1), 3)
+        row[f"IoU, {name}"] = round(float(iou_from_counts(*intersection_union(masks[name][index], targets[index]))), 3)
     rows.append(row)
 comparison = pd.DataFrame(rows)
 comparison

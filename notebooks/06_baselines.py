@@ -55,11 +55,13 @@ import torch
 from IPython.display import display
 
 from referseg import viz
-from referseg.baselines import BASELINES, build_baseline
-from referseg.baselines.common import BaselineSettings, Run
-from referseg.config import EVAL_MODES, get_profile
+from referseg.baselines import BASELINES, evaluate_baseline, fit_baseline
+from referseg.baselines.common import BaselineSettings
+from referseg.config import get_profile
 from referseg.data.transforms import prediction_mask
-from referseg.evaluate import evaluate_stream, paper_table, save_method
+from referseg.evaluate import paper_table
+from referseg.metrics import intersection_union, iou_from_counts, overall_iou, summarize_groups
+from referseg.runs import Run
 
 viz.setup_style()
 cfg = get_profile(profile, **overrides)
@@ -70,7 +72,6 @@ if run.profile != cfg:
 quick = {"iterations": 30, "max_segments": 30} if run.profile.name == "smoke" else {}
 settings = BaselineSettings(**{**quick, **baseline_settings})
 train_data, test_data = run.split(run.profile.train_split), run.split(run.profile.eval_split)
-modes = tuple(dict.fromkeys([run.profile.eval_mode, *EVAL_MODES]))  # the primary mode first
 print(f"{run.profile.name} profile: fit on {run.profile.train_split} ({len(train_data)} pairs, "
       f"{train_data.num_images} images), evaluate on {run.profile.eval_split} ({len(test_data)} pairs); {settings}")
 
@@ -84,20 +85,13 @@ print(f"{run.profile.name} profile: fit on {run.profile.train_split} ({len(train
 # %%
 fitted, summaries, timing = {}, {}, []
 for name in BASELINES:
-    start = time.perf_counter()
-    baseline = build_baseline(name, run.profile, run.vocab, settings=settings, device=str(run.device), progress=False)
-    if baseline.learns:
-        baseline.fit(train_data)
-    fit_seconds = time.perf_counter() - start
-    counts = evaluate_stream(test_data, baseline.predict_logits(test_data), modes)
-    seconds = time.perf_counter() - start
-    extra = {"baseline": name, "fit_seconds": round(fit_seconds, 2), "fit_stats": getattr(baseline, "fit_stats", {})}
-    for variant, label in baseline.variants.items():
-        summaries[variant] = save_method(run, test_data, variant, label, counts[variant], modes[0],
-                                         seconds / len(baseline.variants), extra)
-    fitted[name] = baseline
-    timing.append({"baseline": name, "fit (s)": round(fit_seconds, 1), "fit + test (s)": round(seconds, 1),
-                   **{k: round(v, 3) for k, v in extra["fit_stats"].items()}})
+    fitted[name] = fit_baseline(run, name, settings)
+    rows = evaluate_baseline(run, fitted[name], run.profile.eval_split)
+    summaries.update(rows)
+    first = next(iter(rows.values()))
+    timing.append({"baseline": name, "fit (s)": round(first["fit_seconds"], 1),
+                   "fit + test (s)": round(first["seconds"] * len(rows), 1),
+                   **{k: round(v, 3) for k, v in first["fit_stats"].items()}})
 display(pd.DataFrame(timing).set_index("baseline"))
 paper_table(summaries)
 
@@ -124,7 +118,7 @@ for row, i in enumerate(chosen):
     pictures.append(viz.overlay(images[int(i)], targets[row], viz.GROUND_TRUTH))
     captions.append(f'ground truth: "{test_data.pairs[int(i)].expression}"')
     for variant, masks in predictions.items():
-        iou = (masks[row] & targets[row]).sum() / max((masks[row] | targets[row]).sum(), 1)
+        iou = iou_from_counts(*intersection_union(masks[row], targets[row]))
         pictures.append(viz.compare_masks(images[int(i)], masks[row], targets[row]))
         captions.append(f"{variant} (IoU {iou:.2f})")
 viz.image_grid(pictures, captions, ncols=1 + len(predictions), width=2.6);
@@ -190,7 +184,7 @@ fig.tight_layout()
 # %% tags=["solution", "hide-cell"]
 per_sample = pd.read_csv(Path(run_dir) / "eval" / f"whole-image_{test_data.split}.csv")
 areas = sum(h * w for h, w in (test_data.size(k) for k in range(len(test_data))))
-print(f"overall IoU {per_sample['intersection'].sum() / per_sample['union'].sum():.4f}; "
+print(f"overall IoU {overall_iou(per_sample['intersection'], per_sample['union']):.4f}; "
       f"ground-truth pixels / image pixels {per_sample['intersection'].sum() / areas:.4f}")
 
 # %% [markdown]
@@ -201,8 +195,7 @@ print(f"overall IoU {per_sample['intersection'].sum() / per_sample['union'].sum(
 rows = {}
 for variant in ("per-word-mean", "proposal-classification"):
     frame = pd.read_csv(Path(run_dir) / "eval" / f"{variant}_{test_data.split}.csv")
-    sums = frame.groupby("type")[["intersection", "union"]].sum()
-    rows[variant] = (100 * sums["intersection"] / sums["union"]).round(1)
+    rows[variant] = {kind: round(100 * s["overall_iou"], 1) for kind, s in summarize_groups(frame, "type").items()}
 pd.DataFrame(rows).assign(difference=lambda t: t["proposal-classification"] - t["per-word-mean"]).sort_values("difference")
 
 # %% [markdown]
@@ -227,7 +220,7 @@ pd.DataFrame(rows).assign(difference=lambda t: t["proposal-classification"] - t[
 #    oracle choices on the first 100 test pairs. How far is the fitted scorer from it?
 
 # %% tags=["solution", "hide-cell"]
-oracle_inter = oracle_union = 0
+oracle = []
 for k in range(min(100, len(test_data))):
     image_index = int(test_data.pair_image[k])
     segments = proposals.segments(test_data, image_index)
@@ -236,9 +229,7 @@ for k in range(min(100, len(test_data))):
     square_logits = np.where(segments.masks([best])[0], 1.0, -1.0)
     height, width = test_data.size(k)
     mask = prediction_mask(square_logits, height, width, run.profile.eval_mode)
-    target = test_data.original_mask(k)
-    oracle_inter += int((mask & target).sum())
-    oracle_union += int((mask | target).sum())
+    oracle.append(intersection_union(mask, test_data.original_mask(k)))
 fitted_frame = pd.read_csv(Path(run_dir) / "eval" / f"proposal-classification_{test_data.split}.csv").head(100)
-print(f"oracle proposal: overall IoU {oracle_inter / oracle_union:.3f}; fitted scorer: "
-      f"{fitted_frame['intersection'].sum() / fitted_frame['union'].sum():.3f} (same pairs)")
+print(f"oracle proposal: overall IoU {overall_iou(*np.array(oracle).T):.3f}; fitted scorer: "
+      f"{overall_iou(fitted_frame['intersection'], fitted_frame['union']):.3f} (same pairs)")

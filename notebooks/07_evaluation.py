@@ -45,7 +45,6 @@ overrides = {}  # profile overrides, e.g. {"spatial_channels": 2}
 cases = 4  # best and worst test pairs drawn
 
 # %%
-import json
 from pathlib import Path
 
 import numpy as np
@@ -53,18 +52,19 @@ import pandas as pd
 from IPython.display import display
 
 from referseg import viz
-from referseg.baselines import BASELINES, baseline_class
-from referseg.config import Profile, get_profile
-from referseg.data.refer import load_refer
+from referseg.baselines import BASELINES, baseline_class, evaluate_all
+from referseg.config import get_profile
 from referseg.data.transforms import prediction_mask
-from referseg.evaluate import OURS, evaluate_run, paper_table, table_markdown
-from referseg.io import atomic_open, atomic_write_text
-from referseg.predict import load_checkpoint, predict_logits
+from referseg.evaluate import OURS, saved_summary
+from referseg.metrics import bootstrap_overall_iou, overall_iou, summarize_groups
+from referseg.predict import image_logits
+from referseg.runs import Run, load_checkpoint
 
 viz.setup_style()
 cfg = get_profile(profile, **overrides)
 run_dir = Path(run_dir)
-run_profile = Profile.load(run_dir / "config.json")  # written by the trainer in chapter 4
+run = Run(run_dir, device=device, progress=False)  # config.json and vocab.txt written by chapter 4
+run_profile = run.profile
 split = run_profile.eval_split
 eval_dir = run_dir / "eval"
 print(f"run {run_dir}: profile {run_profile.name!r}, {run_profile.dataset} {split!r}, mode {run_profile.eval_mode!r}")
@@ -72,28 +72,19 @@ print(f"run {run_dir}: profile {run_profile.name!r}, {run_profile.dataset} {spli
 # %% [markdown]
 # ## Evaluating the models
 #
-# `evaluate_run` evaluates the stage-1 (low resolution) and stage-2 (high resolution)
+# `evaluate_all` evaluates the stage-1 (low resolution) and stage-2 (high resolution)
 # checkpoints of the run folder on the test split and writes `eval/<method>_<split>.csv`
 # (one row per pair: ids, expression, type, stuff or thing, $I$, $U$, IoU, and the same
 # counts under the other evaluation mode) and `.json` (the summary). The stage-1 model's
 # high-resolution output is its bilinear-initialised deconvolution (SPEC §4). When chapter 6
-# has not left the baselines' results, `all_methods=True` fits and evaluates them here.
+# has left the baselines' results for this profile, they are read back (`reuse_baselines`);
+# otherwise they are fitted and evaluated here.
 
 # %%
-variants = {name: list(baseline_class(name).variants) for name in BASELINES}
-
-
-def saved_summary(method: str) -> dict | None:
-    """The summary JSON of a method on this split, if it belongs to this run's profile."""
-    path = eval_dir / f"{method}_{split}.json"
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text())
-    return summary if summary.get("profile") == run_profile.name else None
-
-
-baselines_saved = all(saved_summary(v) for vs in variants.values() for v in vs)
-evaluate_run(run_dir, split=split, all_methods=not baselines_saved, device=device, progress=False);
+table = evaluate_all(run_dir, split=split, device=device, progress=False, reuse_baselines=True)
+methods = [v for name in BASELINES for v in baseline_class(name).variants] + list(OURS)
+summaries = {m: saved_summary(run, m, split) for m in methods}
+summaries = {m: s for m, s in summaries.items() if s is not None}
 
 # %% [markdown]
 # ## The paper's table, for this run
@@ -102,15 +93,6 @@ evaluate_run(run_dir, split=split, all_methods=not baselines_saved, device=devic
 # in %. Written to `eval/table_<split>.csv` and `.md`.
 
 # %%
-methods = [v for name in BASELINES for v in variants[name]] + [m for m in OURS if saved_summary(m)]
-summaries = {m: saved_summary(m) for m in methods if saved_summary(m)}
-table = paper_table(summaries)
-title = (f"{run_profile.name} profile, {run_profile.dataset} {split} ({summaries[methods[-1]]['samples']} pairs), "
-         f"{run_profile.eval_mode} mode, in %")
-with atomic_open((eval_dir / f"table_{split}").with_suffix(".csv")) as handle:
-    table.to_csv(handle)
-atomic_write_text((eval_dir / f"table_{split}").with_suffix(".md"), f"{title}\n\n{table_markdown(table)}")
-print(title)
 table
 
 # %% [markdown]
@@ -128,7 +110,7 @@ published = pd.DataFrame([{**paper_row, "mean IoU": np.nan, "data": "ReferIt tes
                            "source": "Hu et al. 2016, Table 1 (SPEC 6)"}],
                          index=["ours, high resolution (as published)"])
 ours_rows = table.loc[[OURS[m][1] for m in OURS if m in summaries]].copy()
-ours_rows["data"] = f"{run_profile.dataset} {split} ({summaries[methods[-1]]['samples']} pairs)"
+ours_rows["data"] = f"{run_profile.dataset} {split} ({len(run.split(split))} pairs)"
 ours_rows["source"] = f"this run ({run_profile.name} profile), {eval_dir}/ours-*_{split}.json"
 side_by_side = pd.concat([published, ours_rows])
 side_by_side.index.name = "method"
@@ -186,8 +168,7 @@ ax.legend(fontsize=8);
 
 # %%
 def breakdown(frame: pd.DataFrame, by: str) -> pd.Series:
-    sums = frame.groupby(by)[["intersection", "union"]].sum()
-    return (100 * sums["intersection"] / sums["union"]).round(2)
+    return pd.Series({k: round(100 * s["overall_iou"], 2) for k, s in summarize_groups(frame, by).items()})
 
 
 shown_methods = [m for m in ("ours-highres", "ours-lowres", "proposal-classification", "per-word-mean",
@@ -217,7 +198,7 @@ ax.legend(fontsize=8);
 best_method = "ours-highres" if "ours-highres" in per_sample else "ours-lowres"
 checkpoint = run_dir / ("stage2" if best_method == "ours-highres" else "stage1") / "checkpoint.pt"
 model, _, vocab = load_checkpoint(checkpoint, device=device)
-refer = load_refer(run_profile)
+refer = run.refer
 frame = per_sample[best_method].reset_index()
 ranked = frame.sort_values(["iou", "union"], ascending=[False, False])
 best, worst = ranked.head(cases), ranked.tail(cases).iloc[::-1]
@@ -228,7 +209,7 @@ def draw_cases(rows: pd.DataFrame, heading: str) -> None:
     pictures, captions = [], []
     for _, row in rows.iterrows():
         image = refer.load_image(int(row["image_id"]))
-        logits = predict_logits(model, image, row["expression"], vocab, run_profile)
+        logits = image_logits(model, image, [row["expression"]], vocab, run_profile)[0]
         square_logits[int(row["index"])] = (image, logits, int(row["ann_id"]))
         mask = prediction_mask(logits, image.shape[0], image.shape[1], run_profile.eval_mode)
         pictures.append(viz.compare_masks(image, mask, refer.load_mask(int(row["ann_id"]))))
@@ -293,7 +274,7 @@ viz.image_grid([viz.overlay(image, default_mask, outline=False)[crop],
 
 # %% tags=["solution", "hide-cell"]
 f = per_sample[best_method]
-print(f"overall IoU {100 * f['intersection'].sum() / f['union'].sum():.2f}%, mean IoU {100 * f['iou'].mean():.2f}%")
+print(f"overall IoU {100 * overall_iou(f['intersection'], f['union']):.2f}%, mean IoU {100 * f['iou'].mean():.2f}%")
 print("large regions (stuff) weigh more in the overall IoU; every pair weighs the same in the mean IoU")
 
 # %% [markdown]
@@ -302,15 +283,12 @@ print("large regions (stuff) weigh more in the overall IoU; every pair weighs th
 #    and the high-resolution model larger than that?
 
 # %% tags=["solution", "hide-cell"]
-rng = np.random.default_rng(seed)
 intervals = {}
 for m in [m for m in ("ours-lowres", "ours-highres") if m in per_sample]:
-    inter, union = per_sample[m]["intersection"].to_numpy(), per_sample[m]["union"].to_numpy()
-    draws = rng.integers(0, len(inter), size=(1000, len(inter)))
-    samples = inter[draws].sum(axis=1) / union[draws].sum(axis=1)
-    intervals[labels[m]] = {"overall IoU": round(100 * inter.sum() / union.sum(), 2),
-                            "2.5%": round(100 * np.percentile(samples, 2.5), 2),
-                            "97.5%": round(100 * np.percentile(samples, 97.5), 2)}
+    estimate, low, high = bootstrap_overall_iou(per_sample[m]["intersection"], per_sample[m]["union"],
+                                                resamples=1000, seed=seed)
+    intervals[labels[m]] = {"overall IoU": round(100 * estimate, 2), "2.5%": round(100 * low, 2),
+                            "97.5%": round(100 * high, 2)}
 pd.DataFrame(intervals).T
 
 # %% [markdown]
@@ -336,9 +314,9 @@ pd.DataFrame(intervals).T
 
 # %% tags=["solution", "hide-cell"]
 f = per_sample[best_method]
-by_t = f.groupby("type").apply(lambda g: pd.Series({
-    "pairs": len(g), "P@0.5 (%)": round(100 * (g["iou"] >= 0.5).mean(), 1),
-    "overall IoU (%)": round(100 * g["intersection"].sum() / g["union"].sum(), 1)}), include_groups=False)
+by_t = pd.DataFrame({kind: {"pairs": int((f["type"] == kind).sum()), "P@0.5 (%)": round(100 * s["precision@0.5"], 1),
+                            "overall IoU (%)": round(100 * s["overall_iou"], 1)}
+                     for kind, s in summarize_groups(f, "type").items()}).T
 by_t["pairs"] = by_t["pairs"].astype(int)
 by_t["gap"] = by_t["overall IoU (%)"] - by_t["P@0.5 (%)"]
 by_t.sort_values("gap")

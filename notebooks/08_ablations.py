@@ -66,7 +66,8 @@ import pandas as pd
 from IPython.display import display
 
 from referseg import ablations, viz
-from referseg.config import get_profile
+from referseg.config import get_profile, profile_changes
+from referseg.metrics import bootstrap_overall_iou, overall_iou, overall_iou_by
 
 viz.setup_style()
 seeds = [int(seed)] if seeds is None else [int(s) for s in seeds]
@@ -95,7 +96,7 @@ print(f"seeds {seeds}; budget {budget_s} s; run folder {Path(run_dir) / ablation
 grid_table = pd.DataFrame([
     {"variant": v.name, "question": v.group, "variant is": v.label,
      "overrides": json.dumps(v.overrides) if v.overrides else "(none)",
-     "profile differs from the reference in": ", ".join(ablations.profile_changes(reference, v.profile(reference)))
+     "profile differs from the reference in": ", ".join(profile_changes(reference, v.profile(reference)))
      or "(nothing)"}
     for v in grid
 ]).set_index("variant")
@@ -128,7 +129,7 @@ results.round(4)
 # "leftmost one") and on the others; `train s` is the wall time of the training loops.
 
 # %%
-table = ablations.comparison_table(run_dir, results, reference, resamples=resamples, seed=seed)
+table = viz.comparison_table(run_dir, results, reference, resamples=resamples, seed=seed)
 shown = ["group", "label", "seeds", "overall IoU", "CI low", "CI high", "Δ all", "Δ all low", "Δ all high",
          "Δ position", "Δ other", "train s", "iterations"]
 table[[c for c in shown if c in table.columns]].round(2)
@@ -136,10 +137,10 @@ table[[c for c in shown if c in table.columns]].round(2)
 # %%
 others = [n for n in table.index if n != ablations.REFERENCE]
 if others:
-    ablations.plot_group(table, others, subsets=("all",), title="every ablation against the reference")
+    viz.plot_group(table, others, subsets=("all",), title="every ablation against the reference")
     plt.show()
 for name in others:
-    print(ablations.describe_difference(table, name))
+    print(viz.describe_difference(table, name))
 
 # %% [markdown]
 # ## Spatial channels: 8, 2 or none
@@ -152,11 +153,11 @@ for name in others:
 # %%
 spatial = [n for n in ("spatial-2", "spatial-0") if n in table.index]
 if spatial:
-    ablations.plot_group(table, spatial, title="spatial channels")
+    viz.plot_group(table, spatial, title="spatial channels")
     plt.show()
 for name in spatial:
     for subset in ("position", "other"):
-        print(ablations.describe_difference(table, name, subset))
+        print(viz.describe_difference(table, name, subset))
 
 # %% [markdown]
 # The same numbers per expression type (overall IoU in %, averaged over seeds):
@@ -168,8 +169,7 @@ def per_type(names: list[str]) -> pd.DataFrame:
     for name in names:
         samples = ablations.load_samples(run_dir, name, seeds)
         if samples is not None:
-            sums = samples.groupby(["type", "seed"])[["intersection", "union"]].sum()
-            columns[name] = (100 * sums["intersection"] / sums["union"]).groupby("type").mean()
+            columns[name] = 100 * overall_iou_by(samples, "type")
     frame = pd.DataFrame(columns)
     if not frame.empty:
         samples = ablations.load_samples(run_dir, ablations.REFERENCE, seeds[:1])
@@ -194,9 +194,9 @@ per_type([ablations.REFERENCE, *spatial])
 # %%
 for name in ("no-l2-norm", "bag-of-words", "nearest-labels"):
     if name in table.index:
-        ablations.plot_group(table, [name], title=table.loc[name, "group"])
+        viz.plot_group(table, [name], title=table.loc[name, "group"])
         plt.show()
-        print(ablations.describe_difference(table, name))
+        print(viz.describe_difference(table, name))
 
 # %% [markdown]
 # ## Stage 2: the weight of the negatives
@@ -207,9 +207,9 @@ for name in ("no-l2-norm", "bag-of-words", "nearest-labels"):
 
 # %%
 if "neg-weight-1" in table.index:
-    ablations.plot_group(table, ["neg-weight-1"], title="stage-2 negative weight")
+    viz.plot_group(table, ["neg-weight-1"], title="stage-2 negative weight")
     plt.show()
-    print(ablations.describe_difference(table, "neg-weight-1"))
+    print(viz.describe_difference(table, "neg-weight-1"))
     mean_iou = {name: results[(results["variant"] == name) & results["status"].isin(["trained", "reused"])]
                 ["mean_iou"].mean() for name in (ablations.REFERENCE, "neg-weight-1")}
     print(f"mean IoU (%, not in the paper): reference {100 * mean_iou[ablations.REFERENCE]:.1f}, "
@@ -238,12 +238,12 @@ if plan_file.is_file():
     trained = results[results["status"].isin(["trained", "reused"])].set_index(["variant", "seed"])["train_s"]
     print("measured training time (s): " + ", ".join(f"{name} seed {s}: {t:.1f}" for (name, s), t in trained.items()
                                                       if name in (ablations.REFERENCE, slim)))
-print(ablations.describe_difference(table, slim))
+print(viz.describe_difference(table, slim))
 if slim in table.index:
-    ablations.plot_group(table, [slim], title="backbone")
+    viz.plot_group(table, [slim], title="backbone")
     plt.show()
     samples = {name: ablations.load_samples(run_dir, name, seeds) for name in (ablations.REFERENCE, slim)}
-    by_region = pd.DataFrame({name: 100 * s.groupby("region")["intersection"].sum() / s.groupby("region")["union"].sum()
+    by_region = pd.DataFrame({name: 100 * overall_iou_by(s, "region")
                               for name, s in samples.items() if s is not None}).round(1)
     display(by_region.rename_axis("overall IoU (%) on"))
 
@@ -270,8 +270,7 @@ if slim in table.index:
 # %% tags=["solution", "hide-cell"]
 pair = {name: ablations.load_samples(run_dir, name, seeds) for name in (ablations.REFERENCE, "spatial-0")}
 if all(s is not None for s in pair.values()):
-    iou = pd.DataFrame({name: 100 * s.groupby("type")["intersection"].sum() / s.groupby("type")["union"].sum()
-                        for name, s in pair.items()})
+    iou = pd.DataFrame({name: 100 * overall_iou_by(s, "type") for name, s in pair.items()})
     iou["difference"] = iou["spatial-0"] - iou[ablations.REFERENCE]
     display(iou.sort_values("difference").round(1))
 else:
@@ -296,7 +295,7 @@ def image_bootstrap(samples: pd.DataFrame, resamples: int = 1000, seed: int = 0)
 
 ref_samples = ablations.load_samples(run_dir, ablations.REFERENCE, seeds[:1])
 if ref_samples is not None:
-    pair_ci = ablations.bootstrap_overall_iou(ref_samples["intersection"], ref_samples["union"], resamples, seed=seed)
+    pair_ci = bootstrap_overall_iou(ref_samples["intersection"], ref_samples["union"], resamples, seed=seed)
     image_ci = image_bootstrap(ref_samples, resamples, seed)
     widths = {"pairs": pair_ci[2] - pair_ci[1], "images": image_ci[1] - image_ci[0]}
     print(f"overall IoU {100 * pair_ci[0]:.1f}%: pairs resampled [{100 * pair_ci[1]:.1f}, {100 * pair_ci[2]:.1f}], "
@@ -345,7 +344,7 @@ if all(s is not None for s in bow.values()):
     for name, part in (("LSTM", frame), ("bag of words", other.reset_index())):
         chosen = part[ambiguous.to_numpy()]
         if len(chosen):
-            print(f"{name}: overall IoU on them {100 * chosen['intersection'].sum() / chosen['union'].sum():.1f}%")
+            print(f"{name}: overall IoU on them {100 * overall_iou(chosen['intersection'], chosen['union']):.1f}%")
 # SynthRef's expressions are short and single out their region by construction, so few (if any) pairs of
 # expressions of one image differ only in word order: when the count above is small, this data barely tests
 # word order, and a small gap between the encoders says little about ReferIt's longer expressions.

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import nbformat
@@ -38,27 +37,12 @@ import pandas as pd
 import torch
 
 import referseg
+from referseg.book import cpu_model, package_version
 from referseg.config import Profile, get_profile
 
 executed_dir = Path("book/notebooks")
 config_file = Path(run_dir) / "config.json"
 config = Profile.load(config_file) if config_file.exists() else get_profile(profile, **overrides)
-
-
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 # %% [markdown]
@@ -72,7 +56,7 @@ environment = {
     "platform": platform.platform(),
     "CPU": f"{cpu_model()} ({os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads)",
     "GPU": gpu,
-    **{name: version(name) for name in ("torch", "torchvision", "numpy", "opencv-python-headless",
+    **{name: package_version(name) for name in ("torch", "torchvision", "numpy", "opencv-python-headless",
                                         "pycocotools", "papermill", "jupyter-book")},
 }
 pd.DataFrame(environment.items(), columns=["item", "value"]).set_index("item")

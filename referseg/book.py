@@ -241,3 +241,30 @@ def write_student_edition(root: Path, sources: dict[Path, Any]) -> int:
                 return 1
             print(f"{name:<24} {seconds:7.1f} s")
     return 0
+
+
+# --- the appendix's record of the machine ------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def package_version(package: str) -> str:
+    """The installed version of a distribution, or ``not installed``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"

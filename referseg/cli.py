@@ -7,7 +7,10 @@ imported lazily so that ``referseg --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"--set {pair!r}: expected NAME=VALUE, e.g. --set spatial_channels=2")
+            raise ValueError(f"--set {pair!r}: expected NAME=VALUE, e.g. --set spatial_channels=2")
         key, raw = pair.split("=", 1)
         try:
             value: Any = json.loads(raw)
@@ -35,10 +38,8 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
 
 
 def resolve_profile(name: str, pairs: list[str] | None = None) -> Profile:
-    try:
-        return get_profile(name, **parse_overrides(pairs))
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+    """The profile with its ``--set`` overrides, every value checked (a bad one is a ValueError)."""
+    return get_profile(name, **parse_overrides(pairs))
 
 
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
@@ -76,9 +77,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from referseg.evaluate import evaluate_run
+    if args.all:
+        from referseg.baselines import evaluate_all
 
-    evaluate_run(Path(args.run), split=args.split, mode=args.mode, all_methods=args.all, device=args.device)
+        evaluate_all(Path(args.run), split=args.split, mode=args.mode, device=args.device)
+    else:
+        from referseg.evaluate import evaluate_run
+
+        evaluate_run(Path(args.run), split=args.split, mode=args.mode, device=args.device)
     return 0
 
 
@@ -100,7 +106,7 @@ def cmd_book(args: argparse.Namespace) -> int:
     from referseg.book import build_book
 
     if args.profile not in PROFILES:
-        raise SystemExit(f"error: unknown profile {args.profile!r}; valid profiles: {', '.join(PROFILES)}")
+        raise ValueError(f"unknown profile {args.profile!r}; valid profiles: {', '.join(PROFILES)}")
     return build_book(profile=args.profile, overrides=parse_overrides(args.set), student=args.student,
                       force=args.force, build_html=not args.no_html)
 
@@ -109,6 +115,8 @@ def cmd_book(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="referseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: REFERSEG_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="make or describe datasets")
@@ -170,12 +178,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors a user can cause (a wrong value, a missing, unreadable or unsafe file, a full disk, a
+# read-only folder) end as one message and exit code 2; anything else is a bug of the package
+# and keeps its traceback. --debug (or REFERSEG_DEBUG=1) shows the traceback of every error.
+USER_ERRORS = (ValueError, OSError, pickle.UnpicklingError)
+OS_HINTS = {
+    errno.ENOSPC: "free some disk space, or write to another folder (--run-dir, --out)",
+    errno.EDQUOT: "free some disk space, or write to another folder (--run-dir, --out)",
+    errno.EACCES: "choose a folder you may write to (--run-dir, --out), or fix its permissions",
+    errno.EROFS: "the file system is read-only: choose another folder (--run-dir, --out)",
+    errno.ENOTDIR: "a path that should be a folder is a file: choose another path",
+    errno.EEXIST: "a path that should be a folder is a file: choose another path",
+    errno.EISDIR: "a path that should be a file is a folder: give a file name",
+    errno.EFBIG: "a file grew past the size this process may write (ulimit -f): raise the limit or free space",
+}
+
+
+def describe_error(err: BaseException) -> str:
+    """A user's error as one line: what went wrong, where, and what to do."""
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.errno in OS_HINTS:
+        where = f" ({err.filename})" if err.filename else ""
+        return f"{err.strerror or err}{where}: {OS_HINTS[err.errno]}"
+    return str(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("REFERSEG_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted: finished work was kept; resume with the same command (train: --resume)",
+              file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"error: {describe_error(err)}", file=sys.stderr)
         return 2
 
 

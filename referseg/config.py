@@ -8,7 +8,11 @@ profile overrides (``get_profile("cpu", spatial_channels=2)``), not forks.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,9 @@ BACKBONES = ("vgg16", "efficientnet_lite0", "slim_vgg16")
 TEXT_ENCODERS = ("lstm", "bow")
 LOWRES_LABELS = ("or", "nearest")
 EVAL_MODES = ("logits", "official")
+INITS = ("pytorch", "official")
+PRECISIONS = ("float32", "bfloat16")
+BATCHINGS = ("reshuffle", "official")
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,12 @@ class Profile:
     d_embed: int = 1000  # SPEC 4: word embedding 1000-d
     d_text: int = 1000  # SPEC 4: LSTM hidden units = D_text
     lstm_forget_bias: float = 1.0  # SPEC 4: TF forget_bias=1.0
+    # SPEC 4, 8: "pytorch" = PyTorch's default initialisation of the embedding (N(0, 1)) and the
+    # classifier, both LSTM bias vectors trained; "official" = the official code's: embedding
+    # uniform +-sqrt(6 / (V + d_embed)) (TF glorot), classifier N(0, 0.05) / N(0, 0.1) with zero
+    # biases, one trained bias per LSTM gate. The official one starts the box-retrieval stage
+    # (SPEC 5); without that stage it does not train (measured on cpu: 0 IoU at lr 0.01 and 0.1).
+    init: str = "pytorch"
     # --- fusion and classifier (SPEC 4) ---
     l2_normalize: bool = True  # SPEC 4: per-position L2 norm of text and visual vectors
     spatial_channels: int = 8  # SPEC 4: 8 in the code, 2 in the paper, 0 ablation
@@ -92,6 +105,11 @@ class Profile:
             iterations=18_000, lr=0.01, lr_step=6_000, neg_weight=1 / 3
         )
     )  # SPEC 5, stage 2
+    # SPEC 5, 8: "reshuffle" = one shuffle per stage, the last batch filled up from the start;
+    # "official" = batches built once from the seed, the remainder dropped, the same in both stages.
+    batching: str = "reshuffle"
+    # SPEC 8: the official code trains in float32; "bfloat16" autocasts the CUDA forward (faster).
+    precision: str = "float32"
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0
@@ -100,10 +118,19 @@ class Profile:
     eval_batch_size: int = 32
 
     def __post_init__(self) -> None:
+        _check_fields(self)
+        for stage in ("stage1", "stage2"):
+            if not isinstance(getattr(self, stage), StageConfig):
+                raise ValueError(f"{stage}={getattr(self, stage)!r}: expected the stage's settings "
+                                 f"(e.g. --set {stage}.iterations=100)")
+            _check_fields(getattr(self, stage), prefix=f"{stage}.")
         _check_choice("backbone", self.backbone, BACKBONES)
         _check_choice("text_encoder", self.text_encoder, TEXT_ENCODERS)
         _check_choice("lowres_labels", self.lowres_labels, LOWRES_LABELS)
         _check_choice("eval_mode", self.eval_mode, EVAL_MODES)
+        _check_choice("init", self.init, INITS)
+        _check_choice("batching", self.batching, BATCHINGS)
+        _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("dataset", self.dataset, ("referit", "synthref"))
         if self.spatial_channels not in (0, 2, 8):
             raise ValueError(f"spatial_channels={self.spatial_channels}: use 8 (code), 2 (paper) or 0")
@@ -147,6 +174,91 @@ class Profile:
     @classmethod
     def load(cls, path: str | Path) -> Profile:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def component_seed(seed: int, name: str) -> int:
+    """The seed of one random component: a stable hash of the run's seed and the component's name."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # non-negative int64
+
+
+@contextmanager
+def seeded(seed: int, name: str | None = None) -> Iterator[None]:
+    """Torch's CPU generator seeded for one component inside the block, and restored after it.
+
+    What the component draws does not depend on what ran before it, and it changes nothing for
+    what runs after it. With a ``name`` the seed is :func:`component_seed`; without, ``seed``
+    itself (the model's initialisation, so the study's numbers keep their seed).
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed if name is None else component_seed(seed, name))
+        yield
+
+
+def profile_changes(reference: Profile, profile: Profile) -> dict[str, Any]:
+    """Fields (and stage sub-fields as ``stage2.neg_weight``) where ``profile`` differs from ``reference``."""
+    a, b = json.loads(json.dumps(reference.to_dict())), json.loads(json.dumps(profile.to_dict()))
+    changes: dict[str, Any] = {}
+    for key in a:
+        if isinstance(a[key], dict):
+            changes.update({f"{key}.{k}": b[key][k] for k in a[key] if a[key][k] != b[key][k]})
+        elif a[key] != b[key]:
+            changes[key] = b[key]
+    return changes
+
+
+# Allowed ranges of the numeric fields (of Profile and StageConfig); every other int must be >= 1.
+_NON_NEGATIVE = {"synth_images", "synth_seed", "seed", "spatial_channels"}
+_FLOAT_RULES: dict[str, tuple[str, Any]] = {
+    "lr": ("a number > 0", lambda v: v > 0),
+    "lr_gamma": ("a number in (0, 1]", lambda v: 0 < v <= 1),
+    "pos_weight": ("a number > 0", lambda v: v > 0),
+    "neg_weight": ("a number > 0", lambda v: v > 0),
+    "momentum": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "weight_decay": ("a number >= 0", lambda v: v >= 0),
+    "width_mult": ("a number > 0", lambda v: v > 0),
+    "lstm_forget_bias": ("a finite number", lambda v: True),
+}
+
+
+def _check_fields(config: Any, prefix: str = "") -> None:
+    """Each field against its type and range; one message naming the field, the value and what is allowed.
+
+    Integer-valued floats (``--set stage1.lr=1``) become floats, so the saved config is canonical.
+    """
+    for f in dataclasses.fields(config):
+        value, name, kind = getattr(config, f.name), prefix + f.name, str(f.type)
+
+        def refuse(allowed: str, value: Any = value, name: str = name) -> None:
+            raise ValueError(f"profile field {name}={value!r} is not valid: expected {allowed}")
+
+        if kind == "bool":
+            if not isinstance(value, bool):
+                refuse("true or false")
+        elif kind == "int":
+            low = 0 if f.name in _NON_NEGATIVE else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                refuse(f"a whole number >= {low}")
+        elif kind == "float":
+            allowed, rule = _FLOAT_RULES[f.name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not rule(value):
+                refuse(allowed)
+            object.__setattr__(config, f.name, float(value))
+        elif kind == "str":
+            if not isinstance(value, str) or not value:
+                refuse("a non-empty string")
+        elif kind == "str | None":
+            if value is not None and (not isinstance(value, str) or not value):
+                refuse("a non-empty string or null")
+        elif kind.startswith("tuple"):
+            numbers = isinstance(value, (tuple, list)) and len(value) == 3 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            if not numbers or (f.name == "pixel_std" and min(value) <= 0):
+                refuse("three numbers" + (" > 0" if f.name == "pixel_std" else "") + ", one per RGB channel")
+            object.__setattr__(config, f.name, tuple(float(v) for v in value))
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:

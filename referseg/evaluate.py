@@ -1,100 +1,49 @@
-"""The evaluation protocol of SPEC 1: overall IoU, mean IoU and precision@k at original resolution.
+"""The evaluation protocol of SPEC 1, as orchestration: predictions at original resolution, counted.
 
-``evaluate_masks`` is the metric on plain boolean arrays. ``evaluate_run`` evaluates a
-trained run folder (and, with ``all_methods``, every baseline) on a split, writes the
-per-sample CSV and the summary JSON of each method, and the paper's table.
+The metrics themselves are pure functions in :mod:`referseg.metrics`. Here, a method's
+square logits (ours from :func:`referseg.predict.split_logits`, a baseline's from its
+``predict_logits``) are mapped back to each image's original size in both evaluation
+modes and counted against the unresized ground truth (:func:`evaluate_stream`); each
+method's per-sample CSV and summary JSON are written (:func:`save_method`), and the
+paper's table is laid out (:func:`paper_table`). ``evaluate_run`` evaluates a run
+folder's two stages; ``referseg.baselines.evaluate_all`` adds every baseline.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from referseg.baselines.common import Run, SplitData, guess_profile_name
 from referseg.config import EVAL_MODES
 from referseg.data.transforms import prediction_mask
+from referseg.features import compute_features
 from referseg.io import atomic_open, atomic_write_text
+from referseg.metrics import (
+    PRECISION_THRESHOLDS,
+    intersection_union,
+    iou_from_counts,
+    summarize,
+    summarize_groups,
+)
+from referseg.predict import split_logits
+from referseg.runs import Run, SplitData, load_checkpoint, stage_checkpoints, train_hint
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from referseg.baselines.common import BaselineSettings
-
-PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # SPEC 1: precision@t
-SUMMARY_KEYS = ("overall_iou", "mean_iou") + tuple(f"precision@{t}" for t in PRECISION_THRESHOLDS)
-
-
-def intersection_union(prediction: np.ndarray, target: np.ndarray, index: int = 0) -> tuple[int, int]:
-    """``(|P and G|, |P or G|)`` of one pair of boolean masks of the same shape (SPEC 1)."""
-    prediction = np.asarray(prediction)
-    target = np.asarray(target)
-    if prediction.shape != target.shape:
-        raise ValueError(
-            f"pair {index}: prediction shape {prediction.shape} differs from target shape {target.shape}; "
-            "map predictions back to the original image size first (referseg.data.transforms.prediction_mask)"
-        )
-    prediction = prediction.astype(bool, copy=False)
-    target = target.astype(bool, copy=False)
-    return int(np.count_nonzero(prediction & target)), int(np.count_nonzero(prediction | target))
-
-
-def iou_from_counts(intersections: Sequence[int] | np.ndarray, unions: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Per-sample I/U; a sample whose union is empty (nothing predicted, nothing to find) has IoU 1."""
-    inter = np.asarray(intersections, dtype=np.float64)
-    union = np.asarray(unions, dtype=np.float64)
-    return np.divide(inter, union, out=np.ones_like(inter), where=union > 0)
-
-
-def summarize(intersections: Sequence[int] | np.ndarray, unions: Sequence[int] | np.ndarray) -> dict[str, float]:
-    """The SPEC 1 summary from per-sample counts: overall IoU = sum I / sum U, mean IoU, precision@t."""
-    inter = np.asarray(intersections, dtype=np.int64)
-    union = np.asarray(unions, dtype=np.int64)
-    if inter.shape != union.shape or inter.ndim != 1:
-        raise ValueError(f"expected two 1-D count arrays of one length, got {inter.shape} and {union.shape}")
-    if len(inter) == 0:
-        raise ValueError("nothing to evaluate: no samples")
-    iou = iou_from_counts(inter, union)
-    total_union = int(union.sum())
-    summary = {
-        # All unions empty means every prediction matched an empty target exactly.
-        "overall_iou": float(inter.sum() / total_union) if total_union else 1.0,
-        "mean_iou": float(iou.mean()),
-    }
-    for t in PRECISION_THRESHOLDS:
-        # A small tolerance so that an IoU of exactly t (e.g. 3/5 = 0.6) counts despite rounding.
-        summary[f"precision@{t}"] = float(np.mean(iou >= t - 1e-12))
-    return summary
-
-
-def evaluate_masks(predictions: Sequence[np.ndarray], targets: Sequence[np.ndarray]) -> dict:
-    """Compare predicted and ground-truth boolean masks pairwise (SPEC 1).
-
-    Each pair must share a shape; shapes may differ between pairs. Returns ``overall_iou``,
-    ``mean_iou``, ``precision@0.5`` .. ``precision@0.9`` (fractions) and the per-sample
-    ``intersections`` and ``unions`` (int64 arrays).
-    """
-    if len(predictions) != len(targets):
-        raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets; give one prediction per target")
-    counts = np.array(
-        [intersection_union(p, t, index=i) for i, (p, t) in enumerate(zip(predictions, targets, strict=True))],
-        dtype=np.int64,
-    ).reshape(-1, 2)
-    result: dict = summarize(counts[:, 0], counts[:, 1])
-    result["intersections"] = counts[:, 0]
-    result["unions"] = counts[:, 1]
-    return result
-
-
 # --- evaluating methods on a run's split ----------------------------------------------------------
 
-OURS = {"ours-lowres": ("stage1", "ours, low resolution"), "ours-highres": ("stage2", "ours, high resolution")}
+OURS = {"ours-lowres": (1, "ours, low resolution"), "ours-highres": (2, "ours, high resolution")}
+STAGE_METHOD = {stage: method for method, (stage, _) in OURS.items()}
+# IoU of a sample whose union is empty: 1 in the study's mode; the official script divides 0 by 0
+# (NaN), which fails every precision threshold (SPEC 8).
+EMPTY_UNION_IOU = {"logits": 1.0, "official": 0.0}
 TABLE_COLUMNS = tuple(f"P@{t}" for t in PRECISION_THRESHOLDS) + ("overall IoU", "mean IoU")
 
 
@@ -121,8 +70,8 @@ def evaluate_stream(data: SplitData, stream: Iterable[tuple[int, dict[str, np.nd
     return counts
 
 
-def results_frame(data: SplitData, counts: np.ndarray) -> pd.DataFrame:
-    """Per-sample results: ids, expression, type tag, stuff or thing, I, U and IoU."""
+def results_frame(data: SplitData, counts: np.ndarray, mode: str = "logits") -> pd.DataFrame:
+    """Per-sample results: ids, expression, type tag, stuff or thing, I, U and IoU (``mode``'s rule for U = 0)."""
     import pandas as pd
 
     pairs = data.pairs
@@ -137,24 +86,23 @@ def results_frame(data: SplitData, counts: np.ndarray) -> pd.DataFrame:
         "region": ["stuff" if p.is_stuff else "thing" for p in pairs],
         "intersection": counts[:, 0],
         "union": counts[:, 1],
-        "iou": iou_from_counts(counts[:, 0], counts[:, 1]),
+        "iou": iou_from_counts(counts[:, 0], counts[:, 1], EMPTY_UNION_IOU[mode]),
     })
 
 
 def save_method(run: Run, data: SplitData, method: str, label: str, counts_by_mode: dict[str, np.ndarray],
                 mode: str, seconds: float, extra: dict | None = None) -> dict:
     """Write ``<run>/eval/<method>_<split>.csv`` and ``.json`` (atomically); return the summary."""
-    frame = results_frame(data, counts_by_mode[mode])
+    frame = results_frame(data, counts_by_mode[mode], mode)
     for other, counts in counts_by_mode.items():
         if other != mode:  # the other protocol's figures beside the primary ones
             frame[f"intersection_{other}"] = counts[:, 0]
             frame[f"union_{other}"] = counts[:, 1]
     summary = {
         "method": method, "label": label, "split": data.split, "mode": mode, "samples": len(data),
-        **summarize(counts_by_mode[mode][:, 0], counts_by_mode[mode][:, 1]),
-        "by_mode": {m: summarize(c[:, 0], c[:, 1]) for m, c in counts_by_mode.items()},
-        "by_region": {kind: summarize(part["intersection"], part["union"])
-                      for kind, part in frame.groupby("region")},
+        **summarize(counts_by_mode[mode][:, 0], counts_by_mode[mode][:, 1], EMPTY_UNION_IOU[mode]),
+        "by_mode": {m: summarize(c[:, 0], c[:, 1], EMPTY_UNION_IOU[m]) for m, c in counts_by_mode.items()},
+        "by_region": summarize_groups(frame, "region", EMPTY_UNION_IOU[mode]),
         "seconds": round(seconds, 2),
         "profile": run.profile.name,
         **(extra or {}),
@@ -166,97 +114,53 @@ def save_method(run: Run, data: SplitData, method: str, label: str, counts_by_mo
     return summary
 
 
-def _modes(mode: str) -> tuple[str, ...]:
+def saved_summary(run: Run, method: str, split: str) -> dict | None:
+    """The summary JSON that :func:`save_method` wrote for ``method`` on ``split``, if it is this profile's."""
+    path = run.eval_dir / f"{method}_{split}.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("profile") == run.profile.name else None
+
+
+def modes_for(mode: str) -> tuple[str, ...]:
     """The primary mode first, then the other one (both are cheap next to inference)."""
     if mode not in EVAL_MODES:
         raise ValueError(f"evaluation mode {mode!r}: use one of {', '.join(EVAL_MODES)}")
     return (mode,) + tuple(m for m in EVAL_MODES if m != mode)
 
 
-def stage_checkpoints(run_dir: Path) -> dict[str, Path]:
-    """``{method: checkpoint}`` for the stages trained in ``run_dir`` (stage 1: low, stage 2: high resolution)."""
-    found = {method: run_dir / stage / "checkpoint.pt" for method, (stage, _) in OURS.items()}
-    found = {method: path for method, path in found.items() if path.is_file()}
-    if not found:
-        profile = guess_profile_name(run_dir)
-        raise FileNotFoundError(
-            f"no trained model in {run_dir}: {run_dir / 'stage1' / 'checkpoint.pt'} does not exist. "
-            f"Train stage 1 first: referseg train --profile {profile} --stage 1"
-            + ("" if run_dir.parent == Path("runs") else f" --run-dir {run_dir}")
-            + ", then stage 2 (--stage 2) for the high-resolution model"
-        )
-    return found
+def evaluate_models(run: Run, split: str = "test", mode: str | None = None, stages: Sequence[int] | None = None,
+                    modes: Sequence[str] | None = None) -> dict[str, dict]:
+    """Evaluate the run's stage-1 (low resolution) and stage-2 (high resolution) models on ``split``.
 
-
-@torch.no_grad()
-def model_logits(models: dict[str, torch.nn.Module], data: SplitData, batch_size: int, device: torch.device,
-                 use_cache: bool = True, progress: bool = True) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """``(pair index, {method: S x S logits})`` of each model, in batches of pairs of neighbouring images.
-
-    The stage-1 model's high-resolution output is its bilinear-initialised deconvolution
-    (SPEC 4), so one forward serves both stages. Frozen features come from the feature cache.
+    ``stages`` picks some of them (default: every trained stage); ``modes`` the evaluation
+    modes to count (default: the primary one, then the other). A trained (unfrozen)
+    backbone's features are computed once per image from that model.
     """
-    order = np.argsort(data.pair_image, kind="stable")
-    for start in tqdm(range(0, len(order), batch_size), desc="ours", unit="batch", disable=not progress,
-                      leave=False):
-        pairs = order[start:start + batch_size]
-        tokens = data.tokens[pairs].to(device)
-        rows = data.pair_image[pairs]
-        if use_cache:
-            inputs = {"features": data.image_features(rows).to(device)}
-        else:
-            inputs = {"images": torch.stack([data.dataset.image_tensor(int(r)) for r in rows]).to(device)}
-        outputs = {method: model(tokens, high_res=True, **inputs).float().cpu().numpy()
-                   for method, model in models.items()}
-        for row, i in enumerate(pairs.tolist()):
-            yield i, {method: out[row] for method, out in outputs.items()}
-
-
-def evaluate_models(run: Run, split: str = "test", mode: str | None = None) -> dict[str, dict]:
-    """Evaluate the run's stage-1 (low resolution) and stage-2 (high resolution) models on ``split``."""
-    from referseg.predict import load_checkpoint
-    from referseg.train import check_profile, check_vocab
-
     checkpoints = stage_checkpoints(run.run_dir)
+    if stages is not None:
+        missing = [stage for stage in stages if stage not in checkpoints]
+        if missing:
+            raise FileNotFoundError(f"no stage-{missing[0]} checkpoint in {run.run_dir}: train it first: "
+                                    f"{train_hint(run.run_dir, missing[0])}")
+        checkpoints = {stage: checkpoints[stage] for stage in stages}
     mode = mode or run.profile.eval_mode
     start = time.perf_counter()
     models: dict[str, torch.nn.Module] = {}
-    for method, path in checkpoints.items():
-        model, profile, vocab = load_checkpoint(path, run.device)
-        check_profile(profile.to_dict(), run.profile, f"checkpoint {path}")
-        check_vocab(vocab, run.vocab, f"checkpoint {path}")
-        models[method] = model
+    for stage, path in checkpoints.items():
+        model, _, _ = load_checkpoint(path, run.device, profile=run.profile, vocab=run.vocab)
+        models[STAGE_METHOD[stage]] = model
     data = run.split(split)
-    # A frozen backbone is a fixed function of the image: read its features from the cache (SPEC 5).
-    use_cache = run.profile.freeze_backbone
-    counts = evaluate_stream(data, model_logits(models, data, run.profile.eval_batch_size, run.device,
-                                                use_cache, run.progress), _modes(mode))
+    features = None  # frozen: the cache (SPEC 5)
+    if not run.profile.freeze_backbone:
+        features = {method: compute_features(model, data.dataset, device=run.device) for method, model in models.items()}
+    stream = split_logits(models, data, run.profile.eval_batch_size, run.device, features, progress=run.progress)
+    counts = evaluate_stream(data, stream, modes or modes_for(mode))
     seconds = time.perf_counter() - start
     return {method: save_method(run, data, method, OURS[method][1], counts[method], mode, seconds / len(models),
-                                {"checkpoint": str(checkpoints[method])})
-            for method in checkpoints}
-
-
-def evaluate_baseline(run: Run, name: str, split: str = "test", mode: str | None = None,
-                      settings: BaselineSettings | None = None) -> dict[str, dict]:
-    """Fit one baseline on the run's training split, evaluate it on ``split``; summaries by variant."""
-    from referseg.baselines import build_baseline
-
-    mode = mode or run.profile.eval_mode
-    start = time.perf_counter()
-    baseline = build_baseline(name, run.profile, run.vocab, settings=settings, device=str(run.device),
-                              progress=run.progress)
-    if baseline.learns:
-        baseline.fit(run.split(run.profile.train_split))
-    fitted = time.perf_counter()
-    data = run.split(split)
-    counts = evaluate_stream(data, baseline.predict_logits(data), _modes(mode))
-    seconds = time.perf_counter() - start
-    extra = {"baseline": name, "fit_seconds": round(fitted - start, 2),
-             "fit_stats": getattr(baseline, "fit_stats", {})}
-    return {variant: save_method(run, data, variant, label, counts[variant], mode,
-                                 seconds / len(baseline.variants), extra)
-            for variant, label in baseline.variants.items()}
+                                {"checkpoint": str(checkpoints[OURS[method][0]])})
+            for method in models}
 
 
 def paper_table(summaries: dict[str, dict]) -> pd.DataFrame:
@@ -279,43 +183,46 @@ def table_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", mode: str | None = None, all_methods: bool = False,
-                 device: str = "auto", progress: bool = True, settings: BaselineSettings | None = None
-                 ) -> pd.DataFrame:
-    """Evaluate a run folder's models on ``split`` (and with ``all_methods`` every baseline too).
+def write_table(run: Run, split: str, table: pd.DataFrame, title: str) -> Path:
+    """``<run>/eval/table_<split>.csv`` and ``.md`` (atomically); returns the markdown file."""
+    stem = run.eval_dir / f"table_{split}"
+    with atomic_open(stem.with_suffix(".csv")) as handle:
+        table.to_csv(handle)
+    atomic_write_text(stem.with_suffix(".md"), f"{title}\n\n{table_markdown(table)}")
+    return stem.with_suffix(".md")
 
-    Writes ``<run>/eval/<method>_<split>.csv`` and ``.json`` per method; with ``all_methods``
-    also the paper's table as ``<run>/eval/table_<split>.csv`` and ``.md``. Prints and
-    returns the table (rows: methods; columns in %).
+
+def report(run: Run, split: str, mode: str, summaries: dict[str, dict], seconds: float,
+           write: bool = False) -> pd.DataFrame:
+    """Print (and with ``write`` save) the paper's table of ``summaries``; notes on ours' official mode."""
+    table = paper_table(summaries)
+    title = (f"{run.profile.name} profile, {run.profile.dataset} {split} ({len(run.split(split))} pairs), "
+             f"{mode} mode, in %; {seconds:.1f} s")
+    if write:
+        write_table(run, split, table, title)
+    print(title)
+    print(table.to_string())
+    ours = summaries.get("ours-highres")
+    if ours and "official" in ours["by_mode"] and mode == "logits":
+        official = ours["by_mode"]["official"]["overall_iou"]
+        print(f"ours, high resolution, official mode (dilated resize): overall IoU {100 * official:.2f}")
+    if ours is None:
+        print(f"no stage-2 model in {run.run_dir}: train it for the high-resolution row: "
+              f"referseg train --profile {run.profile.name} --stage 2")
+    return table
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", mode: str | None = None, device: str = "auto",
+                 progress: bool = True) -> pd.DataFrame:
+    """Evaluate a run folder's models on ``split``: ``<run>/eval/<method>_<split>.csv`` and ``.json``.
+
+    Prints and returns the table (rows: our two stages; columns in %). The whole paper's
+    table, baselines included, is :func:`referseg.baselines.evaluate_all`.
     """
-    from referseg.baselines import BASELINES
-
     run_dir = Path(run_dir)
     stage_checkpoints(run_dir)  # a run without a model says which stage to train, before any work
     run = Run(run_dir, device=device, progress=progress)
     mode = mode or run.profile.eval_mode
     started = time.perf_counter()
-    summaries: dict[str, dict] = {}
-    if all_methods:
-        for name in BASELINES:
-            summaries.update(evaluate_baseline(run, name, split, mode, settings))
-    ours = evaluate_models(run, split, mode)
-    summaries.update({m: ours[m] for m in OURS if m in ours})
-    table = paper_table(summaries)
-    elapsed = time.perf_counter() - started
-    title = (f"{run.profile.name} profile, {run.profile.dataset} {split} ({len(run.split(split))} pairs), "
-             f"{mode} mode, in %; {elapsed:.1f} s")
-    if all_methods:
-        stem = run.eval_dir / f"table_{split}"
-        with atomic_open(stem.with_suffix(".csv")) as handle:
-            table.to_csv(handle)
-        atomic_write_text(stem.with_suffix(".md"), f"{title}\n\n{table_markdown(table)}")
-    print(title)
-    print(table.to_string())
-    if "ours-highres" in ours and "official" in ours["ours-highres"]["by_mode"] and mode == "logits":
-        official = ours["ours-highres"]["by_mode"]["official"]["overall_iou"]
-        print(f"ours, high resolution, official mode (dilated resize): overall IoU {100 * official:.2f}")
-    if "ours-highres" not in ours:
-        print(f"no stage-2 model in {run_dir}: train it for the high-resolution row: "
-              f"referseg train --profile {run.profile.name} --stage 2")
-    return table
+    summaries = evaluate_models(run, split, mode)
+    return report(run, split, mode, {m: summaries[m] for m in OURS if m in summaries}, time.perf_counter() - started)

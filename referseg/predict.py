@@ -1,15 +1,18 @@
-"""Segment one image with one expression: load a checkpoint, letterbox in, mask out.
+"""From pixels to logits, and from logits to masks at the original size (SPEC 1, 3).
 
-The high-resolution output serves both stages: a stage-1 model's deconvolution is
-still its bilinear initialisation (SPEC 4), so one forward pass gives the S x S
-logits, which are mapped back to the image's original size (SPEC 1).
+Two paths, one forward: :func:`image_logits` runs one image through the backbone once
+and scores any number of expressions on it (``predict``, the figures);
+:func:`split_logits` is the batched generator over a whole split, reading frozen
+features from the cache (the evaluation, the ablations, ``predict_split``). The
+high-resolution output serves both stages: a stage-1 model's deconvolution is still its
+bilinear initialisation (SPEC 4), so one forward gives the S x S logits of either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -17,76 +20,80 @@ import torch
 from tqdm.auto import tqdm
 
 from referseg.config import Profile
-from referseg.data.transforms import letterbox_image, normalize, prediction_mask, to_rgb
+from referseg.data.images import image_size, preprocess, read_image
+from referseg.data.transforms import prediction_mask, to_rgb
+from referseg.features import compute_features
 from referseg.io import atomic_write_bytes
+from referseg.runs import load_checkpoint
 from referseg.text import Vocabulary
-from referseg.train import check_profile, check_vocab, read_checkpoint, resolve_device
+
+if TYPE_CHECKING:
+    from referseg.runs import SplitData
+
+# Images are decoded at most this large before the letterbox shrinks them to input_size:
+# a 10000 x 10000 photo never needs its full-size pixels (SPEC 3 only needs input_size).
+MAX_DECODE_SIDE = 2048
 
 
-def load_checkpoint(
-    path: str | Path,
-    device: str | torch.device = "cpu",
-    profile: Profile | None = None,
-    vocab: Vocabulary | None = None,
-) -> tuple[torch.nn.Module, Profile, Vocabulary]:
-    """The model, profile and vocabulary of a training checkpoint, in eval mode.
-
-    With ``profile`` or ``vocab`` given, a checkpoint made with another profile or an
-    incompatible vocabulary is refused with a message naming both.
-    """
-    from referseg.model.segmenter import build_model
-
-    path = Path(path)
-    device = resolve_device(device)
-    state = read_checkpoint(path, "cpu")
-    for key in ("model", "profile", "vocab"):
-        if key not in state:
-            raise ValueError(f"{path} is not a referseg training checkpoint (no {key!r} entry)")
-    saved_profile = Profile.from_dict(state["profile"])
-    saved_vocab = Vocabulary(state["vocab"])
-    if profile is not None:
-        check_profile(state["profile"], profile, f"checkpoint {path}")
-    if vocab is not None:
-        check_vocab(saved_vocab, vocab, f"checkpoint {path}")
-    model = build_model(saved_profile, len(saved_vocab))
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
-    model.vocab = saved_vocab  # so predict() needs only the model
-    model.profile = saved_profile
-    return model, saved_profile, saved_vocab
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file as uint8 HxWx3 RGB; a missing or unreadable file is a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise ValueError(f"cannot read image {path}: not an image format OpenCV knows (use PNG or JPEG)")
-    if image.dtype != np.uint8:
-        image = cv2.convertScaleAbs(image, alpha=255.0 / max(float(image.max()), 1.0))
-    if image.ndim == 3:
-        code = cv2.COLOR_BGRA2RGBA if image.shape[2] == 4 else cv2.COLOR_BGR2RGB
-        image = cv2.cvtColor(image, code)
-    return to_rgb(image, str(path))
+def encode_expressions(expressions: Sequence[str], vocab: Vocabulary, seq_len: int) -> torch.Tensor:
+    """(n, T) int64 token ids, left-padded (SPEC 2)."""
+    return torch.tensor([vocab.encode(e, seq_len) for e in expressions], dtype=torch.int64)
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, image: np.ndarray, expression: str,
-                   vocab: Vocabulary, profile: Profile) -> np.ndarray:
-    """The S x S high-resolution logits of one letterboxed image and expression."""
+def image_logits(model: torch.nn.Module, image: np.ndarray, expressions: Sequence[str], vocab: Vocabulary,
+                 profile: Profile, high_res: bool = True) -> np.ndarray:
+    """Logits of several expressions on one image: (n, S, S), or (n, g, g) without ``high_res``.
+
+    The image is letterboxed and normalised once (SPEC 3) and goes through the backbone once.
+    """
     device = next(model.parameters()).device
-    square = letterbox_image(to_rgb(image), profile.input_size)  # SPEC 3
-    images = normalize(square, profile.pixel_mean, profile.pixel_std)[None].to(device)
-    tokens = torch.tensor([vocab.encode(expression, profile.seq_len)], dtype=torch.int64, device=device)
+    images = preprocess(image, profile)[None].to(device)
+    tokens = encode_expressions(expressions, vocab, profile.seq_len).to(device)
     was_training = model.training
     model.eval()
     try:
-        logits = model(tokens, images=images, high_res=True)
+        features = model.backbone_features(images).expand(len(expressions), -1, -1, -1)
+        logits = model(tokens, features=features, high_res=high_res)
     finally:
         model.train(was_training)
-    return logits[0].float().cpu().numpy()
+    return logits.float().cpu().numpy()
+
+
+@torch.no_grad()
+def split_logits(models: Mapping[str, torch.nn.Module], data: SplitData, batch_size: int,
+                 device: torch.device | str = "cpu", features: Mapping[str, np.ndarray] | None = None,
+                 pairs: Sequence[int] | np.ndarray | None = None, progress: bool = True
+                 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """``(pair index, {method: S x S logits})`` for each model, in batches of pairs of neighbouring images.
+
+    Backbone features come from ``features[method]`` when given (a trained backbone's,
+    see :func:`referseg.features.compute_features`), else from the split's feature cache
+    (SPEC 5: frozen convolutions are a fixed function of the image).
+    """
+    wanted = np.arange(len(data)) if pairs is None else np.asarray(pairs, dtype=np.int64)
+    order = wanted[np.argsort(data.pair_image[wanted], kind="stable")]
+    for model in models.values():
+        model.eval()
+    for start in tqdm(range(0, len(order), batch_size), desc="ours", unit="batch", disable=not progress,
+                      leave=False):
+        batch = order[start:start + batch_size]
+        tokens = data.tokens[batch].to(device)
+        rows = data.pair_image[batch]
+        outputs = {}
+        for method, model in models.items():
+            if features is not None and method in features:
+                inputs = torch.from_numpy(np.asarray(features[method][rows], dtype=np.float32))
+            else:
+                inputs = data.image_features(rows)
+            outputs[method] = model(tokens, features=inputs.to(device), high_res=True).float().cpu().numpy()
+        for row, i in enumerate(batch.tolist()):
+            yield i, {method: out[row] for method, out in outputs.items()}
+
+
+def _check_expression(expression: object) -> None:
+    if not isinstance(expression, str) or not expression.strip():
+        raise ValueError(f"empty referring expression {expression!r}: give at least one word, e.g. 'sky'")
 
 
 def predict(
@@ -97,64 +104,39 @@ def predict(
     profile: Profile | None = None,
 ) -> np.ndarray:
     """Boolean mask of the region ``expression`` refers to, at the image's original size."""
-    if not isinstance(expression, str) or not expression.strip():
-        raise ValueError(f"empty referring expression {expression!r}: give at least one word, e.g. 'sky'")
+    _check_expression(expression)
     vocab = vocab if vocab is not None else getattr(model, "vocab", None)
     profile = profile if profile is not None else getattr(model, "profile", None)
     if vocab is None or profile is None:
         raise ValueError("predict needs the vocabulary and profile: pass them, or load the model with "
                          "load_checkpoint(), which attaches both")
     if isinstance(image, (str, Path)):
-        image = read_image(image)
-    image = to_rgb(np.asarray(image))
-    logits = predict_logits(model, image, expression, vocab, profile)
-    return prediction_mask(logits, image.shape[0], image.shape[1], mode=profile.eval_mode)  # SPEC 1
+        height, width = image_size(image)
+        image = read_image(image, max_side=MAX_DECODE_SIDE)
+    else:
+        image = to_rgb(np.asarray(image))
+        height, width = image.shape[:2]
+    logits = image_logits(model, image, [expression], vocab, profile)[0]
+    return prediction_mask(logits, height, width, mode=profile.eval_mode)  # SPEC 1
 
 
-@torch.no_grad()
-def predict_split(
-    model: torch.nn.Module,
-    dataset: Any,
-    profile: Profile,
-    cache_folder: str | Path | None = None,
-    batch_size: int | None = None,
-    progress: bool = True,
-) -> Iterator[np.ndarray]:
-    """Boolean masks at original size for every pair of a ReferSegDataset, in order.
-
-    With a frozen backbone and ``cache_folder`` (e.g. ``run_dir / "features"``) the
-    backbone features come from the feature cache; otherwise images go through the model.
-    """
-    from referseg.features import FeatureCache
-
+def predict_split(model: torch.nn.Module, data: SplitData, batch_size: int | None = None,
+                  progress: bool = True) -> Iterator[np.ndarray]:
+    """Boolean masks at original size for every pair of a split, in the split's order."""
+    profile = data.profile
     device = next(model.parameters()).device
-    batch_size = batch_size or profile.eval_batch_size
-    was_training = model.training
-    model.eval()
-    cache = None
-    if cache_folder is not None and profile.freeze_backbone:
-        cache = FeatureCache(model, dataset, profile, cache_folder, device=device, progress=progress).load()
-    image_row = {image_id: row for row, image_id in enumerate(dataset.image_ids)}
-    vocab = dataset.vocab
-    try:
-        for start in tqdm(range(0, len(dataset.pairs), batch_size), desc=f"predict {dataset.split}",
-                          unit="batch", disable=not progress):
-            pairs = dataset.pairs[start : start + batch_size]
-            tokens = torch.tensor([vocab.encode(p.expression, profile.seq_len) for p in pairs],
-                                  dtype=torch.int64, device=device)
-            rows = np.array([image_row[p.image_id] for p in pairs])
-            if cache is not None:
-                features = torch.from_numpy(np.asarray(cache[rows], dtype=np.float32)).to(device)
-                logits = model(tokens, features=features, high_res=True)
-            else:
-                images = torch.stack([dataset.image_tensor(int(r)) for r in rows]).to(device)
-                logits = model(tokens, images=images, high_res=True)
-            logits = logits.float().cpu().numpy()
-            for index, square in enumerate(logits, start=start):
-                meta = dataset.meta(index)
-                yield prediction_mask(square, meta["height"], meta["width"], mode=profile.eval_mode)
-    finally:
-        model.train(was_training)
+    masks: dict[int, np.ndarray] = {}
+    # A trained (unfrozen) backbone is the model's own: its features, once per image, not the cache's.
+    features = None if profile.freeze_backbone else {"model": compute_features(model, data.dataset, device=device)}
+    stream = split_logits({"model": model}, data, batch_size or profile.eval_batch_size, device, features,
+                          progress=progress)
+    following = 0
+    for i, logits in stream:
+        height, width = data.size(i)
+        masks[i] = prediction_mask(logits["model"], height, width, mode=profile.eval_mode)
+        while following in masks:
+            yield masks.pop(following)
+            following += 1
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 40, 40),
@@ -183,17 +165,24 @@ def predict_to_file(
     out_png: str | Path,
     device: str = "auto",
 ) -> tuple[Path, Path]:
-    """Write the mask (0/255 PNG at the image's size) and ``<out stem>_overlay.png`` beside it."""
-    if not isinstance(expression, str) or not expression.strip():
-        raise ValueError(f"empty referring expression {expression!r}: give at least one word, e.g. 'sky'")
+    """Write the mask (0/255 PNG at the image's size) and ``<out stem>_overlay.png`` beside it.
+
+    The overlay is drawn on the decoded image, at most ``MAX_DECODE_SIDE`` pixels a side.
+    """
+    _check_expression(expression)
     out_png = Path(out_png)
+    if out_png.is_dir():
+        raise ValueError(f"--out {out_png} is a folder: give the mask's file name, e.g. {out_png / 'mask.png'}")
     if out_png.suffix.lower() != ".png":
         raise ValueError(f"--out {out_png}: the mask is written as PNG; give a path ending in .png")
-    image = read_image(image_path)
+    height, width = image_size(image_path)
+    image = read_image(image_path, max_side=MAX_DECODE_SIDE)
     model, profile, vocab = load_checkpoint(checkpoint, device)
-    mask = predict(model, image, expression, vocab, profile)
+    logits = image_logits(model, image, [expression], vocab, profile)[0]
+    mask = prediction_mask(logits, height, width, mode=profile.eval_mode)  # SPEC 1
+    shown = prediction_mask(logits, image.shape[0], image.shape[1], mode=profile.eval_mode)
     overlay_png = out_png.with_name(f"{out_png.stem}_overlay.png")
     _write_png(out_png, mask.astype(np.uint8) * 255)
-    _write_png(overlay_png, overlay(image, mask))
+    _write_png(overlay_png, overlay(image, shown))
     print(f"mask: {out_png} ({int(mask.sum())} of {mask.size} pixels)  overlay: {overlay_png}")
     return out_png, overlay_png

@@ -16,7 +16,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from referseg.data.images import read_image
 
 PAGES = ("book/notebooks/07_evaluation.html", "book/intro.html")  # first one that exists
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -118,7 +119,7 @@ def table_with(html: str, text: str = REQUIRED_TEXT) -> bool:
 
 def image_stats(png: Path) -> dict[str, float]:
     """Distinct colours, and the fraction of pixel rows of the content column that are not plain white."""
-    pixels = np.asarray(Image.open(png).convert("RGB"))
+    pixels = read_image(png)
     colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
     content = pixels[:, pixels.shape[1] // 4:]  # right of the navigation sidebar
     inked = float((content < 245).any(axis=(1, 2)).mean())

@@ -16,12 +16,8 @@ optimizer, iteration, RNG states, the shuffle order, the profile and the vocabul
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import math
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +25,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from referseg.config import Profile, StageConfig
-from referseg.data.transforms import letterbox_mask, lowres_labels
-from referseg.features import FeatureCache
-from referseg.io import atomic_open, atomic_save
+from referseg.config import Profile, StageConfig, seeded
+from referseg.losses import weighted_sigmoid_ce
+from referseg.model.segmenter import build_model, param_groups
+from referseg.runs import (
+    CHECKPOINT,
+    LOG,
+    Run,
+    append_log,
+    check_profile,
+    check_vocab,
+    checkpoint_path,
+    read_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+    stage_dir,
+    train_hint,
+    truncate_log,
+)
 from referseg.text import Vocabulary
-
-CHECKPOINT = "checkpoint.pt"
-LOG = "log.jsonl"
 
 
 class TrainingDivergedError(FloatingPointError, ValueError):
@@ -53,16 +60,6 @@ class TrainingDivergedError(FloatingPointError, ValueError):
 # --- small helpers --------------------------------------------------------------
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
-    return device
-
-
 def stage_config(profile: Profile, stage: int) -> StageConfig:
     if stage not in (1, 2):
         raise ValueError(f"stage {stage}: use 1 (low resolution) or 2 (high resolution)")
@@ -74,124 +71,23 @@ def learning_rate(config: StageConfig, iteration: int) -> float:
     return config.lr * config.lr_gamma ** (iteration // config.lr_step)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Torch's generator states, as tensors (a checkpoint loads with ``weights_only=True``).
+
+    Nothing in a training step draws random numbers today (the batch order is a pure function
+    of the seed, the model is initialised under :func:`referseg.config.seeded`); the states are
+    kept so that a future random component still resumes bit for bit.
+    """
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def profile_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def check_profile(saved: dict[str, Any], profile: Profile, where: str) -> None:
-    """Refuse to continue a run that belongs to another profile (names both, lists differences)."""
-    current = json.loads(json.dumps(profile.to_dict()))  # tuples -> lists, as in the JSON file
-    saved = json.loads(json.dumps(saved))
-    if saved != current:
-        diffs = profile_differences(saved, current)
-        if saved.get("name") == profile.name:
-            owner = f"was made with other settings of profile {profile.name!r}"
-        else:
-            owner = f"belongs to profile {saved.get('name')!r}, not to this run's profile {profile.name!r}"
-        raise ValueError(
-            f"{where} {owner} (differences, saved vs this run: {'; '.join(diffs[:6])}). "
-            "Use another --run-dir, or delete the folder to start over."
-        )
-
-
-def check_vocab(saved: Vocabulary, vocab: Vocabulary, where: str) -> None:
-    """Refuse a run folder or checkpoint whose vocabulary differs from this run's."""
-    if saved != vocab:
-        first = next(
-            (i for i, (a, b) in enumerate(zip(saved.tokens, vocab.tokens, strict=False)) if a != b),
-            min(len(saved), len(vocab)),
-        )
-        raise ValueError(
-            f"the vocabulary of {where} ({len(saved)} tokens) differs from this run's "
-            f"({len(vocab)} tokens) from token {first} on; the ids would not match. "
-            "Use another --run-dir, or the data and vocab_file the run was made with."
-        )
-
-
-def prepare_run_dir(run_dir: Path, profile: Profile, vocab: Vocabulary) -> None:
-    """Write config.json and vocab.txt, or check that the existing ones match this run."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_file, vocab_file = run_dir / "config.json", run_dir / "vocab.txt"
-    if config_file.is_file():
-        check_profile(json.loads(config_file.read_text()), profile, f"run folder {run_dir} ({config_file})")
-    else:
-        profile.save(config_file)
-    if vocab_file.is_file():
-        check_vocab(Vocabulary.load(vocab_file), vocab, f"run folder {run_dir} ({vocab_file})")
-    else:
-        vocab.save(vocab_file)
-
-
-# --- targets: everything a step needs, precomputed once --------------------------
-
-
-@dataclass
-class Targets:
-    """Per-pair tokens, image rows and labels, so a step only gathers rows."""
-
-    tokens: torch.Tensor  # (N, T) int64
-    image_index: np.ndarray  # (N,) row of the image in the feature cache / dataset
-    label_index: np.ndarray  # (N,) row of the region's labels (pairs of a region share it)
-    labels: np.ndarray  # stage 1: (R, g, g) uint8; stage 2: (R, S*S/8) bit-packed uint8
-    side: int  # g (stage 1) or S (stage 2)
-    packed: bool
-
-    def batch_labels(self, pairs: np.ndarray) -> torch.Tensor:
-        rows = self.labels[self.label_index[pairs]]
-        if self.packed:
-            rows = np.unpackbits(rows, axis=1, count=self.side * self.side)
-        return torch.from_numpy(rows.reshape(len(pairs), self.side, self.side).astype(np.float32))
-
-
-def build_targets(dataset: Any, vocab: Vocabulary, profile: Profile, stage: int, progress: bool = True) -> Targets:
-    """Tokens and labels of every training pair (SPEC 5 labels), computed once.
-
-    Stage 1: ``lowres_labels`` of the letterboxed mask (OR-pooled by default);
-    stage 2: the letterboxed mask > 0 at S x S (SPEC 3), bit-packed.
-    """
-    refer, pairs = dataset.refer, dataset.pairs
-    image_row = {image_id: row for row, image_id in enumerate(dataset.image_ids)}
-    tokens = torch.tensor([vocab.encode(p.expression, profile.seq_len) for p in pairs], dtype=torch.int64)
-    region_row: dict[int, int] = {}
-    labels = []
-    for pair in tqdm(pairs, desc=f"stage {stage} labels", unit="pair", disable=not progress, leave=False):
-        if pair.ann_id in region_row:
-            continue
-        region_row[pair.ann_id] = len(labels)
-        square = letterbox_mask(refer.load_mask(pair.ann_id), profile.input_size)
-        if stage == 1:
-            labels.append(lowres_labels(square, profile.grid, profile.lowres_labels).astype(np.uint8))
-        else:
-            labels.append(np.packbits(square.reshape(-1)))
-    return Targets(
-        tokens=tokens,
-        image_index=np.array([image_row[p.image_id] for p in pairs], dtype=np.int64),
-        label_index=np.array([region_row[p.ann_id] for p in pairs], dtype=np.int64),
-        labels=np.stack(labels),
-        side=profile.grid if stage == 1 else profile.input_size,
-        packed=stage == 2,
-    )
 
 
 # --- batch order: SPEC 5 "shuffled once, then batch order re-shuffled each epoch" ---
@@ -200,16 +96,17 @@ def build_targets(dataset: Any, vocab: Vocabulary, profile: Profile, stage: int,
 class BatchOrder:
     """Fixed batches of a once-shuffled pair order; each epoch visits them in a new order.
 
-    A pure function of (seed, stage, iteration), so resuming needs only the iteration;
-    the checkpoint still records the order for inspection. The last batch is filled up
-    from the start of the shuffled order so every batch has ``batch_size`` pairs.
+    A pure function of (seed, stage, iteration), so resuming needs only the iteration. With
+    ``batching="reshuffle"`` each stage shuffles anew and the last batch is filled up from the
+    start; ``"official"`` (SPEC 5, 8) drops the remainder and shares the batches between stages.
     """
 
-    def __init__(self, num_pairs: int, batch_size: int, seed: int, stage: int):
-        self.seed, self.stage = seed, stage
-        self.pairs = np.random.default_rng([seed, stage, 0]).permutation(num_pairs)
-        self.num_batches = math.ceil(num_pairs / batch_size)
-        padded = np.resize(self.pairs, self.num_batches * batch_size)  # wraps around
+    def __init__(self, num_pairs: int, batch_size: int, seed: int, stage: int, batching: str = "reshuffle"):
+        self.seed, self.stage = seed, stage if batching == "reshuffle" else 0
+        self.pairs = np.random.default_rng([seed, self.stage, 0]).permutation(num_pairs)
+        whole = batching == "official" and num_pairs >= batch_size
+        self.num_batches = num_pairs // batch_size if whole else math.ceil(num_pairs / batch_size)
+        padded = np.resize(self.pairs, self.num_batches * batch_size)  # wraps around (reshuffle) or cuts
         self.batches = padded.reshape(self.num_batches, batch_size)
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
@@ -226,23 +123,8 @@ class BatchOrder:
 
     def state(self, iteration: int) -> dict[str, Any]:
         epoch = iteration // self.num_batches
-        return {"pairs": self.pairs, "epoch": epoch, "batch_order": self.epoch_order(epoch),
-                "position": iteration % self.num_batches}
-
-
-# --- checkpoints -------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, **state: Any) -> None:
-    """Write a checkpoint atomically: a crash leaves the previous one intact."""
-    atomic_save(path, lambda handle: torch.save(state, handle))
-
-
-def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    # Our own files hold numpy arrays and Python RNG state next to tensors.
-    return torch.load(path, map_location=device, weights_only=False)
+        return {"pairs": torch.from_numpy(self.pairs), "epoch": epoch,
+                "batch_order": torch.from_numpy(self.epoch_order(epoch)), "position": iteration % self.num_batches}
 
 
 def all_finite(model: torch.nn.Module) -> bool:
@@ -255,21 +137,6 @@ def freeze_backbone(model: torch.nn.Module, profile: Profile) -> None:
         for parameter in model.backbone.parameters():
             parameter.requires_grad_(False)
         model.backbone.eval()
-
-
-def append_log(path: Path, record: dict[str, Any]) -> None:
-    """One JSON line per log point (training loss averaged since the previous one)."""
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def truncate_log(path: Path, iteration: int) -> None:
-    """Drop log lines past ``iteration`` (written after the checkpoint a run resumes from)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration]
-    with atomic_open(path) as handle:
-        handle.write("".join(line + "\n" for line in kept))
 
 
 # --- the trainer --------------------------------------------------------------------
@@ -291,32 +158,24 @@ def train(
     checkpoint) after that many iterations, as an interruption would.
     ``feature_dtype`` is the feature cache's dtype (float32 for exact comparisons).
     """
-    from referseg.data.refer import ReferSegDataset, build_vocab, load_refer
-    from referseg.losses import weighted_sigmoid_ce
-    from referseg.model.segmenter import build_model, param_groups
-
     config = stage_config(profile, stage)
     run_dir = Path(run_dir)
-    stage_dir = run_dir / f"stage{stage}"
-    checkpoint_path, log_path = stage_dir / CHECKPOINT, stage_dir / LOG
-    device_ = resolve_device(device)
+    checkpoint_file, log_path = checkpoint_path(run_dir, stage), stage_dir(run_dir, stage) / LOG
 
     # data, vocabulary and the run folder
-    refer = load_refer(profile)
-    vocab = build_vocab(profile, refer)
-    prepare_run_dir(run_dir, profile, vocab)
-    dataset = ReferSegDataset(refer, profile.train_split, vocab, profile)  # raises when the split is empty
+    run = Run.prepare(run_dir, profile, device, progress)
+    device_, vocab = run.device, run.vocab
+    data = run.split(profile.train_split)  # raises when the split is empty
 
     # the model: stage 1 from the pretrained backbone, stage 2 from stage 1's final weights
-    seed_everything(profile.seed)
-    model = build_model(profile, len(vocab))
+    with seeded(profile.seed):  # the model's own draws: independent of whatever ran before
+        model = build_model(profile, len(vocab))
     if stage == 2:
-        stage1_path = run_dir / "stage1" / CHECKPOINT
+        stage1_path = checkpoint_path(run_dir, 1)
         if not stage1_path.is_file():
             raise FileNotFoundError(
                 f"stage 2 starts from stage 1's final checkpoint, but {stage1_path} does not exist: "
-                f"train stage 1 first: referseg train --profile {profile.name} --stage 1"
-                + (f" --run-dir {run_dir}" if run_dir != Path("runs") / profile.name else "")
+                f"train stage 1 first: {train_hint(run_dir)}"
             )
         stage1 = read_checkpoint(stage1_path)
         check_profile(stage1["profile"], profile, f"stage 1 checkpoint {stage1_path}")
@@ -337,49 +196,48 @@ def train(
     )
 
     # resume: weights, optimizer, RNG states and the iteration of the last checkpoint
+    remove_stale_temporaries(stage_dir(run_dir, stage), CHECKPOINT)  # left by a writer that was killed
     start, elapsed_before = 0, 0.0
     if resume:
-        if not checkpoint_path.is_file():
+        if not checkpoint_file.is_file():
             raise FileNotFoundError(
-                f"--resume: no checkpoint at {checkpoint_path}; start stage {stage} without --resume"
+                f"--resume: no checkpoint at {checkpoint_file}; start stage {stage} without --resume"
             )
-        state = read_checkpoint(checkpoint_path, device_)
-        check_profile(state["profile"], profile, f"checkpoint {checkpoint_path}")
-        check_vocab(Vocabulary(state["vocab"]), vocab, f"checkpoint {checkpoint_path}")
+        state = read_checkpoint(checkpoint_file, device_)
+        check_profile(state["profile"], profile, f"checkpoint {checkpoint_file}")
+        check_vocab(Vocabulary(state["vocab"]), vocab, f"checkpoint {checkpoint_file}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, elapsed_before = state["iteration"], state.get("elapsed", 0.0)
         set_rng_states(state["rng"])
         truncate_log(log_path, start)
         if start >= config.iterations:
-            print(f"stage {stage} already finished ({start} iterations): {checkpoint_path}")
-            return checkpoint_path
+            print(f"stage {stage} already finished ({start} iterations): {checkpoint_file}")
+            return checkpoint_file
     else:  # a fresh start replaces the stage's earlier checkpoint and log
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint_path.unlink(missing_ok=True)
+        stage_dir(run_dir, stage).mkdir(parents=True, exist_ok=True)
+        checkpoint_file.unlink(missing_ok=True)
         log_path.unlink(missing_ok=True)
 
     # targets and features: computed once, gathered by each step
-    targets = build_targets(dataset, vocab, profile, stage, progress)
+    targets = data.labels(stage, progress)
     if use_cache:
-        cache = FeatureCache(model, dataset, profile, run_dir / "features", dtype=feature_dtype,
-                             device=device_, progress=progress).load()
+        cache = data.cached_features(model, feature_dtype)
         features_all = torch.from_numpy(np.ascontiguousarray(cache)).to(device_) if device_.type == "cuda" else cache
-    order = BatchOrder(len(dataset.pairs), profile.batch_size, profile.seed, stage)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device_.type == "cuda" else contextlib.nullcontext()
-    )
+    order = BatchOrder(len(data), profile.batch_size, profile.seed, stage, profile.batching)
+    bf16 = device_.type == "cuda" and profile.precision == "bfloat16"  # SPEC 8: float32 by default
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def checkpoint(iteration: int, loss: float) -> None:
         if not all_finite(model):
             raise TrainingDivergedError(
                 f"stage {stage}: a weight became NaN or infinite at iteration {iteration}; "
-                f"kept the last good checkpoint {checkpoint_path}. Lower the learning rate "
+                f"kept the last good checkpoint {checkpoint_file}. Lower the learning rate "
                 f"(now stage{stage}.lr={config.lr}).",
                 iteration,
             )
         save_checkpoint(
-            checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
+            checkpoint_file, model=model.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
             stage=stage, finished=iteration >= config.iterations, loss=loss, rng=rng_states(),
             shuffle=order.state(iteration), profile=profile.to_dict(), vocab=list(vocab.tokens),
             elapsed=time.perf_counter() - run_start,
@@ -398,9 +256,9 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         pairs = order.batch(iteration)
-        tokens = targets.tokens[pairs].to(device_)
+        tokens = data.tokens[pairs].to(device_)
         labels = targets.batch_labels(pairs).to(device_)
-        rows = targets.image_index[pairs]
+        rows = data.pair_image[pairs]
         with autocast:
             if use_cache:
                 if device_.type == "cuda":
@@ -409,14 +267,14 @@ def train(
                     features = torch.from_numpy(np.asarray(features_all[rows], dtype=np.float32))
                 logits = model(tokens, features=features, high_res=stage == 2)
             else:
-                images = torch.stack([dataset.image_tensor(int(r)) for r in rows]).to(device_)
+                images = torch.stack([data.dataset.image_tensor(int(r)) for r in rows]).to(device_)
                 logits = model(tokens, images=images, high_res=stage == 2)
         loss = weighted_sigmoid_ce(logits.float(), labels, config.pos_weight, config.neg_weight)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise TrainingDivergedError(
                 f"stage {stage}: the loss became {loss_value} at iteration {iteration + 1}; "
-                f"kept the last good checkpoint {checkpoint_path if checkpoint_path.is_file() else '(none yet)'}. "
+                f"kept the last good checkpoint {checkpoint_file if checkpoint_file.is_file() else '(none yet)'}. "
                 f"Lower the learning rate (now stage{stage}.lr={config.lr}).",
                 iteration + 1,
             )
@@ -438,9 +296,5 @@ def train(
         if done % profile.checkpoint_every == 0 or done == end:
             checkpoint(done, loss_value)
     bar.close()
-    return checkpoint_path
+    return checkpoint_file
 
-
-def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """The JSONL training log as a list of records."""
-    return [json.loads(line) for line in io.StringIO(Path(path).read_text()) if line.strip()]

@@ -9,17 +9,21 @@ return it (or the figure they made), so the notebooks stay one call per figure.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 import torch
 
+from referseg.ablations import REFERENCE, load_samples, position_subsets, reference_labels
 from referseg.data.transforms import letterbox_image, to_rgb
+from referseg.metrics import compare_runs
 
 if TYPE_CHECKING:
     import matplotlib.axes
     import matplotlib.figure
+    import pandas as pd
 
     from referseg.config import Profile
     from referseg.text import Vocabulary
@@ -131,27 +135,13 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- model outputs for figures
 
 
-@torch.no_grad()
 def expression_logits(model: torch.nn.Module, image: np.ndarray, expressions: Sequence[str], vocab: Vocabulary,
                       profile: Profile, high_res: bool = False) -> np.ndarray:
-    """Logits of several expressions on one image: (n, g, g), or (n, S, S) with ``high_res``.
+    """Logits of several expressions on one image: (n, g, g), or (n, S, S) with ``high_res``
+    (:func:`referseg.predict.image_logits`: one backbone pass, the profile's letterbox)."""
+    from referseg.predict import image_logits
 
-    The image goes through the backbone once; the letterbox is the profile's (SPEC 3).
-    """
-    from referseg.data.transforms import normalize
-
-    device = next(model.parameters()).device
-    square = letterbox_image(to_rgb(image), profile.input_size)
-    images = normalize(square, profile.pixel_mean, profile.pixel_std)[None].to(device)
-    tokens = torch.tensor([vocab.encode(e, profile.seq_len) for e in expressions], dtype=torch.int64, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        features = model.backbone_features(images).expand(len(expressions), -1, -1, -1)
-        logits = model(tokens, features=features, high_res=high_res)
-    finally:
-        model.train(was_training)
-    return logits.float().cpu().numpy()
+    return image_logits(model, image, expressions, vocab, profile, high_res=high_res)
 
 
 # --------------------------------------------------------------------------- choosing examples
@@ -336,3 +326,96 @@ def precision_curve(ious: Mapping[str, np.ndarray], ax: matplotlib.axes.Axes | N
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     return ax
+
+
+# --------------------------------------------------------------------------- ablation results
+
+def comparison_table(run_dir: str | Path, results: pd.DataFrame, reference: Profile, resamples: int = 1000,
+                     seed: int = 0) -> pd.DataFrame:
+    """The ablation chapter's table: one row per variant of the runner's ``results``, with overall
+    IoU over its seeds and a 95% bootstrap CI, and the paired difference to the reference (same
+    test samples, same seeds) on all, position and other expressions, in percentage points."""
+    import pandas as pd
+
+    done = results[results["status"].isin(["trained", "reused"])]
+    seeds = sorted(done["seed"].unique().tolist())
+    stage = int(done["stage"].max()) if len(done) else 2
+    ref_samples = load_samples(run_dir, REFERENCE, seeds, stage)
+    subsets = {"all": None, **position_subsets()}
+    rows = []
+    for name, part in done.groupby("variant", sort=False):
+        samples = load_samples(run_dir, name, sorted(part["seed"].tolist()), stage)
+        if samples is None:
+            continue
+        label = part["label"].iloc[0] if name != REFERENCE else "; ".join(
+            f"{k}: {v}" for k, v in reference_labels(reference).items())
+        rows.append({"variant": name, "group": part["group"].iloc[0], "label": label,
+                     **compare_runs(samples, ref_samples if name != REFERENCE else None, subsets, resamples, seed),
+                     "train s": float(part["train_s"].mean()), "iterations": part["iterations"].iloc[0]})
+    return pd.DataFrame(rows).set_index("variant")
+
+
+SUBSETS = {"all": "all expressions", "position": "position expressions", "other": "other expressions"}
+
+
+def describe_difference(table: pd.DataFrame, variant: str, subset: str = "all") -> str:
+    """One sentence, from the numbers, on how ``variant`` differs from the reference on ``subset``.
+
+    A difference counts as measured only when its 95% paired bootstrap interval excludes 0.
+    """
+    if variant not in table.index:
+        return f"{variant}: not run (see the status column of the results)."
+    row = table.loc[variant]
+    key = f"Δ {subset}"
+    if key not in row or not np.isfinite(row[key]):
+        return f"{row['label']}: no {SUBSETS[subset]} to compare."
+    diff, low, high = row[key], row[f"{key} low"], row[f"{key} high"]
+    if low > 0:
+        verdict = f"raises overall IoU on {SUBSETS[subset]} by {diff:.1f} points"
+    elif high < 0:
+        verdict = f"lowers overall IoU on {SUBSETS[subset]} by {-diff:.1f} points"
+    else:
+        verdict = f"changes overall IoU on {SUBSETS[subset]} by {diff:+.1f} points, which is within the noise"
+    seeds = int(row["seeds"])
+    return (f"{row['group']} = {row['label']} {verdict} (95% CI {low:+.1f} to {high:+.1f}; "
+            f"{seeds} seed{'s' if seeds > 1 else ''}).")
+
+
+def plot_group(table: pd.DataFrame, variants: Sequence[str], subsets: Sequence[str] = ("all", "position", "other"),
+               axes: Any = None, title: str | None = None) -> Any:
+    """Left: overall IoU of the reference and the variants with 95% CIs; right, on the same rows:
+    the paired differences to the reference per expression subset, with their 95% CIs."""
+    import matplotlib.pyplot as plt
+
+    subsets = [s for s in subsets if f"Δ {s}" in table.columns]
+    names = [n for n in (REFERENCE, *variants) if n in table.index]
+    if axes is None:
+        per_row = 0.45 if len(subsets) < 2 else 0.75
+        _, axes = plt.subplots(1, 2, figsize=(12, 1.3 + per_row * len(names)), sharey=True,
+                               gridspec_kw={"width_ratios": [1, 1.3]})
+    rows = table.loc[names]
+    # several questions in one figure: name the question too ("L2 normalisation: off")
+    others = [n for n in names if n != REFERENCE]
+    mixed = rows.loc[others, "group"].nunique() > 1
+    labels = ["reference" if n == REFERENCE else f"{rows.loc[n, 'group']}: {rows.loc[n, 'label']}" if mixed
+              else rows.loc[n, "label"] for n in names]
+    y = np.arange(len(names))[::-1].astype(float)
+    errors = np.vstack([rows["overall IoU"] - rows["CI low"], rows["CI high"] - rows["overall IoU"]])
+    axes[0].errorbar(rows["overall IoU"], y, xerr=errors, fmt="o", capsize=4, color="black")
+    axes[0].set_yticks(y, labels)
+    axes[0].set_xlabel("overall IoU (%), 95% CI")
+    height = 0.6 / max(len(subsets), 1)
+    y_others = y[[names.index(n) for n in others]]
+    part = table.loc[others]
+    for k, subset in enumerate(subsets):
+        offset = (k - (len(subsets) - 1) / 2) * height
+        err = np.vstack([part[f"Δ {subset}"] - part[f"Δ {subset} low"], part[f"Δ {subset} high"] - part[f"Δ {subset}"]])
+        axes[1].errorbar(part[f"Δ {subset}"], y_others - offset, xerr=err, fmt="o", capsize=3, label=SUBSETS[subset])
+    axes[1].axvline(0, color="grey", lw=1, ls="--")
+    axes[1].set_xlabel("difference to the reference (points), paired 95% CI")
+    if len(subsets) > 1:
+        axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    if title:
+        axes[0].figure.suptitle(title)
+    axes[0].figure.tight_layout()
+    return axes

@@ -12,16 +12,14 @@ from referseg import ablations
 from referseg.ablations import (
     REFERENCE,
     ablation_grid,
-    bootstrap_difference,
-    bootstrap_overall_iou,
-    comparison_table,
-    profile_changes,
     reference_profile,
     run_ablations,
     variant_dir,
 )
-from referseg.config import get_profile
+from referseg.config import get_profile, profile_changes
+from referseg.metrics import bootstrap_difference, bootstrap_overall_iou, summarize_with_interval
 from referseg.model.segmenter import build_model
+from referseg.viz import comparison_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -217,7 +215,7 @@ def test_summaries_split_position_expressions_from_the_others():
     frame = pd.DataFrame({"intersection": [5, 0, 10, 3], "union": [10, 10, 10, 6],
                           "type": ["position", "superlative", "colour", "stuff"]})
     frame["iou"] = frame["intersection"] / frame["union"]
-    summary = ablations.summarize_samples(frame, resamples=100)
+    summary = summarize_with_interval(frame, ablations.position_subsets(), resamples=100)
     assert summary["position_iou"] == pytest.approx(5 / 20)
     assert summary["other_iou"] == pytest.approx(13 / 16)
     assert summary["overall_iou"] == pytest.approx(18 / 36)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from referseg.baselines import BASELINES, build_baseline, run_baseline
-from referseg.baselines.common import BaselineSettings, Run, SplitData
+from referseg.baselines import BASELINES, build_baseline, evaluate_all, evaluate_baseline, run_baseline
+from referseg.baselines.common import BaselineSettings
 from referseg.baselines.per_word import combine_word_maps
 from referseg.baselines.proposals import (
     Content,
@@ -22,10 +22,12 @@ from referseg.baselines.proposals import (
     mask_boxes,
     mask_iou,
     segment_proposals,
+    single_thread,
     sliding_boxes,
 )
 from referseg.config import get_profile
-from referseg.evaluate import evaluate_masks
+from referseg.metrics import evaluate_masks
+from referseg.runs import Run, SplitData
 
 FAST = BaselineSettings(iterations=15, batch_images=4, max_segments=40)
 
@@ -113,6 +115,23 @@ def test_grabcut_falls_back_to_the_box_without_background():
     assert cut.shape == (128, 128) and cut.any()
 
 
+def test_single_thread_limits_torch_and_the_blas_for_a_while_and_dot_is_a_product():
+    from threadpoolctl import threadpool_info
+
+    from referseg.baselines.proposals import dot
+
+    before = torch.get_num_threads()
+    blas_before = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+    with single_thread():
+        assert torch.get_num_threads() == 1
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")
+        a, b = np.arange(12, dtype=np.float64).reshape(3, 4), np.ones((4, 2))
+        product = dot(a, b)
+    assert product.dtype == np.float32 and product.tolist() == [[6.0, 6.0], [22.0, 22.0], [38.0, 38.0]]
+    assert torch.get_num_threads() == before
+    assert [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"] == blas_before
+
+
 def test_combine_word_maps_mean_and_intersection():
     pad = 0
     tokens = torch.tensor([[pad, 5, 6]])
@@ -192,6 +211,38 @@ def test_run_baseline_writes_results_per_variant(smoke_run):
     assert (smoke_run / "eval" / "whole-image_test.csv").is_file()
     assert (smoke_run / "eval" / "whole-image_test.json").is_file()
     assert 0 < summaries["whole-image"]["overall_iou"] < 1
+
+
+def test_evaluate_baseline_takes_a_fitted_baseline_or_a_name(smoke_run):
+    run = Run(smoke_run, device="cpu", progress=False)
+    by_name = evaluate_baseline(run, "whole-image", split="val", mode="official")
+    fitted = build_baseline("whole-image", run.profile, run.vocab, progress=False)
+    by_object = evaluate_baseline(run, fitted, split="val", mode="official")
+    assert set(by_name) == set(by_object) == {"whole-image"}
+    for summary in (by_name["whole-image"], by_object["whole-image"]):
+        assert summary["mode"] == "official" and set(summary["by_mode"]) == {"logits", "official"}
+        assert summary["samples"] == len(run.split("val"))
+    assert by_name["whole-image"]["overall_iou"] == by_object["whole-image"]["overall_iou"]
+    assert (smoke_run / "eval" / "whole-image_val.json").is_file()
+
+
+def test_evaluate_all_makes_the_whole_table(smoke_run, tmp_path):
+    import shutil
+
+    from referseg.train import train
+
+    torch.set_num_threads(1)
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("eval"))
+    profile = Run(run_dir).profile.replace(stage1={"iterations": 2, "lr_step": 2})
+    (run_dir / "config.json").unlink()
+    train(profile, 1, run_dir, device="cpu", progress=False)
+    table = evaluate_all(run_dir, split="test", device="cpu", progress=False, settings=FAST)
+    labels = [label for name in BASELINES for label in build_baseline(name, profile, Run(run_dir).vocab).variants.values()]
+    assert list(table.index) == labels + ["ours, low resolution"]
+    assert list(table.columns) == ["P@0.5", "P@0.6", "P@0.7", "P@0.8", "P@0.9", "overall IoU", "mean IoU"]
+    assert (run_dir / "eval" / "table_test.md").is_file() and (run_dir / "eval" / "table_test.csv").is_file()
+    assert ((table >= 0) & (table <= 100)).all().all()
 
 
 def test_unknown_baseline_lists_the_names(smoke_run):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from referseg.evaluate import evaluate_masks, summarize
+from referseg.metrics import evaluate_masks, summarize
 
 
 def _mask(shape, *boxes):
@@ -84,6 +84,21 @@ def test_summarize_rejects_no_samples():
         summarize([], [])
 
 
+def test_overall_iou_follows_summarize_when_every_union_is_empty():
+    from referseg.metrics import overall_iou
+
+    assert float(overall_iou([0, 0], [0, 0])) == 1.0 == summarize([0, 0], [0, 0])["overall_iou"]
+    assert float(overall_iou([4, 3], [12, 5])) == pytest.approx(7 / 17) == summarize([4, 3], [12, 5])["overall_iou"]
+    # (runs, samples): one overall IoU per run, along the last axis
+    per_run = overall_iou(np.array([[4, 3], [0, 0]]), np.array([[12, 5], [0, 0]]))
+    assert per_run.tolist() == pytest.approx([7 / 17, 1.0])
+    # the columns of a per-sample CSV, as the notebooks pass them
+    import pandas as pd
+
+    frame = pd.DataFrame({"intersection": [4, 3], "union": [12, 5]})
+    assert float(overall_iou(frame["intersection"], frame["union"])) == pytest.approx(7 / 17)
+
+
 # --- the two evaluation modes on a real letterboxed case (SPEC 1) --------------------------------
 
 
@@ -91,8 +106,8 @@ def test_official_mode_dilates_the_logits_mode_prediction(smoke_trained_run):
     """Undoing the letterbox on the 0/1 map (official) keeps every pixel the logits mode keeps, and more."""
     import cv2
 
-    from referseg.baselines.common import Run
     from referseg.data.transforms import letterbox_mask, prediction_mask
+    from referseg.runs import Run
 
     run = Run(smoke_trained_run, device="cpu", progress=False)
     data = run.split("test")
@@ -144,7 +159,8 @@ def test_evaluate_run_writes_per_sample_csv_and_summary_json(smoke_trained_run, 
     import pandas as pd
 
     from referseg.evaluate import evaluate_run
-    from referseg.predict import load_checkpoint, predict
+    from referseg.predict import predict
+    from referseg.runs import load_checkpoint
 
     table = evaluate_run(smoke_trained_run, split="test", device="cpu", progress=False)
     assert list(table.index) == ["ours, low resolution", "ours, high resolution"]
@@ -171,7 +187,7 @@ def test_evaluate_run_writes_per_sample_csv_and_summary_json(smoke_trained_run, 
     # the evaluation path agrees with predicting one pair from its image (features cached as float16)
     frame = pd.read_csv(eval_dir / "ours-highres_test.csv")
     model, profile, vocab = load_checkpoint(smoke_trained_run / "stage2" / "checkpoint.pt")
-    from referseg.baselines.common import Run
+    from referseg.runs import Run
 
     data = Run(smoke_trained_run, device="cpu", progress=False).split("test")
     for i in range(3):
@@ -181,6 +197,21 @@ def test_evaluate_run_writes_per_sample_csv_and_summary_json(smoke_trained_run, 
         inter, union = int((mask & target).sum()), int((mask | target).sum())
         assert abs(inter - frame.loc[i, "intersection"]) <= 0.02 * max(union, 1) + 2
         assert abs(union - frame.loc[i, "union"]) <= 0.02 * max(union, 1) + 2
+
+
+def test_evaluate_models_evaluates_only_the_stages_and_modes_asked_for(smoke_trained_run, tmp_path):
+    import shutil
+
+    from referseg.evaluate import evaluate_models
+    from referseg.runs import Run
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke_trained_run, run_dir, symlinks=True, ignore=shutil.ignore_patterns("eval"))
+    run = Run(run_dir, device="cpu", progress=False)
+    summaries = evaluate_models(run, "test", stages=(1,), modes=("logits",))
+    assert list(summaries) == ["ours-lowres"]
+    assert set(summaries["ours-lowres"]["by_mode"]) == {"logits"}
+    assert sorted(p.name for p in run.eval_dir.iterdir()) == ["ours-lowres_test.csv", "ours-lowres_test.json"]
 
 
 def test_a_run_without_checkpoint_says_which_stage_to_train(tmp_path, capsys):

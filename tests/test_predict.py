@@ -13,7 +13,9 @@ from referseg.cli import main as cli_main
 from referseg.config import get_profile
 from referseg.data.refer import ReferSegDataset, load_refer
 from referseg.data.synthetic import generate_synthref
-from referseg.predict import load_checkpoint, predict, predict_split, predict_to_file
+from referseg.features import compute_features
+from referseg.predict import image_logits, predict, predict_split, predict_to_file
+from referseg.runs import Run, SplitData, load_checkpoint
 from referseg.text import Vocabulary
 from referseg.train import train
 
@@ -59,8 +61,11 @@ def test_predict_gives_a_boolean_mask_of_the_original_size(trained):
 def test_predict_split_matches_single_predictions(trained):
     model, profile, vocab = load_checkpoint(trained["stage2"])
     dataset = ReferSegDataset(trained["refer"], "val", vocab, profile)
-    cached = list(predict_split(model, dataset, profile, trained["run"] / "features", progress=False))
-    direct = list(predict_split(model, dataset, profile, None, batch_size=3, progress=False))
+    # features from the run's float16 cache, and float32 features of the model's own backbone
+    cached = list(predict_split(model, Run(trained["run"], device="cpu", progress=False).split("val"),
+                                progress=False))
+    direct_data = SplitData(dataset, features=compute_features(model, dataset))
+    direct = list(predict_split(model, direct_data, batch_size=3, progress=False))
     assert len(cached) == len(direct) == len(dataset)
     for i in (0, len(dataset) - 1):
         single = predict(model, dataset.refer.load_image(dataset.pairs[i].image_id), dataset.pairs[i].expression)
@@ -68,6 +73,47 @@ def test_predict_split_matches_single_predictions(trained):
         assert np.array_equal(direct[i], single)
         # float16 cached features may flip a pixel or two at the threshold
         assert np.mean(cached[i] == single) > 0.995
+
+
+def test_predict_split_uses_the_models_own_backbone_when_the_profile_trains_it(trained, tmp_path):
+    """A backbone trained with the rest (freeze_backbone=False) is no fixed function of the image:
+    its features must come from the model, not from a cache of the profile's initial backbone."""
+    profile = trained["profile"].replace(backbone="slim_vgg16", backbone_weights=None, width_mult=0.25,
+                                         freeze_backbone=False, cache_features=False,
+                                         stage1={"iterations": 1, "lr_step": 1})
+    checkpoint = train(profile, 1, tmp_path / "run", device="cpu", progress=False)
+    model, _, _ = load_checkpoint(checkpoint)
+    with torch.no_grad():  # as a longer training would: the backbone moves far from its initial weights
+        generator = torch.Generator().manual_seed(0)
+        for parameter in model.backbone.parameters():
+            parameter.mul_(1 + 0.5 * torch.randn(parameter.shape, generator=generator))
+    data = Run(tmp_path / "run", device="cpu", progress=False).split("val")
+    images = [data.dataset.refer.load_image(pair.image_id) for pair in data.pairs]
+    logits = np.stack([image_logits(model, image, [pair.expression], data.vocab, profile)[0]
+                       for image, pair in zip(images, data.pairs, strict=True)])
+    with torch.no_grad():  # threshold at the median logit: masks about half full, sensitive to the features
+        model.classifier[-1].bias -= float(np.median(logits))
+    masks = list(predict_split(model, data, progress=False))
+    for i, (image, pair) in enumerate(zip(images, data.pairs, strict=True)):
+        single = predict(model, image, pair.expression)
+        assert 0.05 < single.mean() < 0.95 or i > 0
+        assert np.mean(masks[i] == single) > 0.995, f"pair {i}: {np.mean(masks[i] != single):.1%} of pixels differ"
+
+
+def test_image_logits_scores_several_expressions_with_one_backbone_pass(trained):
+    model, profile, vocab = load_checkpoint(trained["stage2"])
+    image = trained["image"]
+    expressions = ["sky", "the red circle on the left", "grass"]
+    high = image_logits(model, image, expressions, vocab, profile)
+    low = image_logits(model, image, expressions, vocab, profile, high_res=False)
+    size = profile.input_size
+    assert high.shape == (3, size, size) and low.shape == (3, profile.grid, profile.grid)
+    for k, expression in enumerate(expressions):  # one expression at a time gives the same logits
+        np.testing.assert_allclose(image_logits(model, image, [expression], vocab, profile)[0], high[k],
+                                   rtol=1e-5, atol=1e-5)
+    model.train()
+    image_logits(model, image, ["sky"], vocab, profile)
+    assert model.training, "the model's mode is restored"
 
 
 def test_predict_to_file_writes_the_mask_and_an_overlay(trained, tmp_path):

@@ -215,6 +215,7 @@ def test_dataset_items(make_refer, dataset_name, split_by):
         np.testing.assert_array_equal(item["lowres"].numpy().astype(bool), _or_pool(item["mask"].numpy() > 0, grid))
         assert dataset.image_ids[item["image_index"]] == pair.image_id and item["index"] == i
         assert item["tokens"].tolist() == vocab.encode(pair.expression, PROFILE.seq_len)
+        assert torch.equal(dataset.tokens[i], item["tokens"]) and dataset.pair_image[i] == item["image_index"]
         torch.testing.assert_close(item["image"], dataset.image_tensor(item["image_index"]))
         original = dataset.original_mask(i)
         np.testing.assert_array_equal(original, refer.load_mask(pair.ann_id))
@@ -223,6 +224,8 @@ def test_dataset_items(make_refer, dataset_name, split_by):
         assert meta["expression"] == pair.expression and meta["ann_id"] == pair.ann_id
         assert set(meta) == {"ref_id", "ann_id", "image_id", "sent_id", "height", "width", "expression",
                              "type", "category", "is_stuff"}
+    assert dataset.tokens.shape == (len(dataset), PROFILE.seq_len) and dataset.tokens.dtype == torch.int64
+    assert dataset.pair_image.shape == (len(dataset),) and dataset.pair_image.dtype == np.int64
     # Letterbox: image 101 is 48x64 -> 96x128 with 16 rows of padding above and below.
     item = dataset[dataset.pairs.index(next(p for p in dataset.pairs if p.image_id == 101))]
     assert item["mask"][:16].sum() == 0 and item["mask"][-16:].sum() == 0
@@ -253,14 +256,19 @@ def test_empty_split_and_bad_expressions(refclef_data, tmp_path):
     with pytest.raises(ValueError, match=r"split 'val' of ReferIt \(official format\).*no \(region, expression\) pairs"):
         ReferSegDataset(refer, "val", _vocab(refer), PROFILE)
     # An expression of unknown words encodes to <unk> with a warning; an empty one is an error.
-    (official["root"] / "referit_query_test.json").write_text(json.dumps({"203_1": ["zzzq xxyq", "   "]}))
+    # Token ids are encoded once, when the dataset is built (``dataset.tokens``).
+    query = official["root"] / "referit_query_test.json"
+    query.write_text(json.dumps({"203_1": ["zzzq xxyq"]}))
     refer = OfficialReferIt(official["root"])
-    dataset = ReferSegDataset(refer, "test", Vocabulary.build(["red car"]), PROFILE)
     with pytest.warns(UserWarning, match="unknown"):
-        tokens = dataset[0]["tokens"]
+        dataset = ReferSegDataset(refer, "test", Vocabulary.build(["red car"]), PROFILE)
+    tokens = dataset[0]["tokens"]
     assert tokens[-2:].tolist() == [3, 3] and tokens[:-2].eq(0).all()
-    with pytest.raises(ValueError, match="empty referring expression"):
-        dataset[1]
+    assert torch.equal(dataset.tokens[0], tokens)
+    query.write_text(json.dumps({"203_1": ["zzzq xxyq", "   "]}))
+    refer = OfficialReferIt(official["root"])
+    with pytest.raises(ValueError, match="empty referring expression"), pytest.warns(UserWarning, match="unknown"):
+        ReferSegDataset(refer, "test", Vocabulary.build(["red car"]), PROFILE)
 
 
 def test_build_vocab_and_dataset_stats(refclef_data, tmp_path):

@@ -187,3 +187,41 @@ def test_precision_curve_values_at_the_marks():
     curve, marks = ax.get_lines()[0], ax.get_lines()[1]
     assert curve.get_ydata()[0] == pytest.approx(100.0)  # everything has IoU >= 0
     np.testing.assert_allclose(marks.get_ydata(), [80.0, 40.0, 40.0, 20.0, 20.0])  # IoU >= 0.5 .. 0.9
+
+
+def _ablation_table():
+    import pandas as pd
+
+    rows = [
+        {"variant": "reference", "group": "reference", "label": "reference", "seeds": 2, "overall IoU": 50.0,
+         "CI low": 48.0, "CI high": 52.0},
+        {"variant": "spatial-0", "group": "spatial channels", "label": "0 channels", "seeds": 2,
+         "overall IoU": 45.0, "CI low": 43.0, "CI high": 47.0, "Δ all": -5.0, "Δ all low": -6.5, "Δ all high": -3.5,
+         "Δ position": float("nan"), "Δ position low": float("nan"), "Δ position high": float("nan")},
+        {"variant": "no-l2-norm", "group": "L2 normalisation", "label": "off", "seeds": 1, "overall IoU": 51.0,
+         "CI low": 49.0, "CI high": 53.0, "Δ all": 1.0, "Δ all low": -0.5, "Δ all high": 2.5,
+         "Δ position": 3.0, "Δ position low": 1.0, "Δ position high": 5.0},
+    ]
+    return pd.DataFrame(rows).set_index("variant")
+
+
+def test_describe_difference_says_what_the_interval_allows():
+    table = _ablation_table()
+    assert viz.describe_difference(table, "spatial-0") == (
+        "spatial channels = 0 channels lowers overall IoU on all expressions by 5.0 points "
+        "(95% CI -6.5 to -3.5; 2 seeds).")
+    assert "within the noise" in viz.describe_difference(table, "no-l2-norm")
+    assert "1 seed)" in viz.describe_difference(table, "no-l2-norm")
+    assert "raises overall IoU on position expressions by 3.0" in viz.describe_difference(table, "no-l2-norm",
+                                                                                          "position")
+    assert viz.describe_difference(table, "spatial-0", "position") == "0 channels: no position expressions to compare."
+    assert viz.describe_difference(table, "bag-of-words").startswith("bag-of-words: not run")
+
+
+def test_plot_group_shows_the_reference_and_the_differences():
+    table = _ablation_table()
+    axes = viz.plot_group(table, ["spatial-0", "no-l2-norm"], subsets=("all",), title="two questions")
+    labels = [tick.get_text() for tick in axes[0].get_yticklabels()]
+    assert labels == ["reference", "spatial channels: 0 channels", "L2 normalisation: off"]
+    assert axes[0].figure.get_suptitle() == "two questions"
+    assert len(axes[1].containers) == 1  # one error bar series: the "all" subset

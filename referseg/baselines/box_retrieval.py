@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from referseg.baselines.common import SplitData
 from referseg.baselines.proposals import (
     box_coverage,
     box_iou,
@@ -21,6 +20,7 @@ from referseg.baselines.proposals import (
     unique_boxes,
 )
 from referseg.baselines.scoring import Candidates, ProposalBaseline, logits_of
+from referseg.runs import SplitData
 
 
 class BoxRetrieval(ProposalBaseline):

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from referseg.baselines.common import Adam, Baseline, SplitData, image_batches
+from referseg.baselines.common import Baseline, image_batches
+from referseg.config import seeded
 from referseg.model.language import PAD_ID
+from referseg.runs import SplitData
 
 
 class PerWordHead(nn.Module):
@@ -73,17 +75,17 @@ class PerWordSegmentation(Baseline):
         from referseg.model.segmenter import spatial_channels
 
         settings, profile = self.settings, self.profile
-        torch.manual_seed(settings.seed)
-        images = train.training_images(settings.max_train_images, settings.seed)
+        images = train.training_images(settings.max_train_images, self.seed_of("images"))
         features = train.image_features(images).to(self.device)  # (n_img, C, g, g), float32 in memory
         pairs_of_row = [train.by_image[i] for i in images]
         labels_of_row = [torch.from_numpy(np.stack([train.lowres_label(int(i)) for i in p]).astype(np.float32))
                          for p in pairs_of_row]  # SPEC 5 low-resolution labels
         spatial = spatial_channels(profile.grid, profile.spatial_channels)  # SPEC 4
-        self.head = PerWordHead(features.shape[1], settings.hidden, len(self.vocab), spatial).to(self.device)
-        optimizer = Adam(self.head.parameters(), lr=settings.lr)
+        with seeded(self.seed, f"{self.name}/init"):
+            self.head = PerWordHead(features.shape[1], settings.hidden, len(self.vocab), spatial).to(self.device)
+        optimizer = torch.optim.Adam([p for p in self.head.parameters() if p.requires_grad], lr=settings.lr)
         self.head.train()
-        for rows in tqdm(image_batches(len(images), settings.batch_images, settings.iterations, settings.seed),
+        for rows in tqdm(image_batches(len(images), settings.batch_images, settings.iterations, self.seed_of("batches")),
                          total=settings.iterations, desc="per-word fit", unit="it", disable=not self.progress,
                          leave=False):
             # Every pair of the batch's images; the trunk runs once per image.

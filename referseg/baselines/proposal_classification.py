@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from referseg.baselines.common import SplitData
 from referseg.baselines.scoring import Candidates, ProposalBaseline, logits_of
+from referseg.runs import SplitData
 
 
 class ProposalClassification(ProposalBaseline):

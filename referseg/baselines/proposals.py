@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from referseg.data.transforms import Letterbox
 
@@ -30,25 +31,21 @@ GEOMETRY_FEATURES = 9  # x0, y0, x1, y1, xc, yc, w, h (in [-1, 1] over the image
 
 @contextmanager
 def single_thread() -> Iterator[None]:
-    """Torch on one thread for a while (small products gain nothing from a thread pool)."""
+    """Torch and NumPy's BLAS on one thread for a while: the baselines' products are small, and a
+    thread pool on busy cores costs more than it saves (measured: 20 ms against 0.7 ms for a
+    (150 x 80) @ (80 x 256) product). ``threadpoolctl`` limits the BLAS; torch has its own setting."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(threads)
 
 
 def dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` in float32 for the small products of this module, through torch on one thread.
-
-    NumPy's OpenBLAS starts its thread pool even for a (150 x 80) @ (80 x 256) product;
-    with busy cores that cost 20 ms against 0.7 ms on one thread (measured).
-    """
-    left = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-    right = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32))
-    with single_thread():
-        return (left @ right).numpy()
+    """``a @ b`` in float32 (callers run inside :func:`single_thread`)."""
+    return np.asarray(a, dtype=np.float32) @ np.asarray(b, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -356,6 +353,9 @@ def grabcut(square_image: np.ndarray, box: np.ndarray, content: Content, iterati
         return fallback
     state = np.zeros(crop.shape[:2], dtype=np.uint8)
     background, foreground = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    # GrabCut seeds its colour models by k-means from OpenCV's global generator: seeded per call,
+    # a box's cut is a function of the image and the box alone, whatever ran before.
+    cv2.setRNGSeed(0)
     try:
         cv2.grabCut(crop, state, (cx0, cy0, cx1 - cx0, cy1 - cy0), background, foreground,
                     iterations, cv2.GC_INIT_WITH_RECT)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from referseg.baselines.common import Adam, Baseline, SplitData, image_batches
+from referseg.baselines.common import Baseline, image_batches
 from referseg.baselines.proposals import (
     GEOMETRY_FEATURES,
     Content,
@@ -28,8 +28,9 @@ from referseg.baselines.proposals import (
     geometry,
     segment_proposals,
 )
-from referseg.config import Profile
+from referseg.config import Profile, seeded
 from referseg.model.language import LanguageEncoder
+from referseg.runs import SplitData
 
 
 class ProposalScorer(nn.Module):
@@ -156,8 +157,7 @@ class ProposalBaseline(Baseline):
 
     def learn(self, train: SplitData) -> None:
         settings = self.settings
-        torch.manual_seed(settings.seed)
-        images = train.training_images(settings.max_train_images, settings.seed)
+        images = train.training_images(settings.max_train_images, self.seed_of("images"))
         regions, targets, best_overlap = [], [], []
         for image_index in tqdm(images, desc=f"{self.name} proposals", unit="img",
                                 disable=not self.progress, leave=False):
@@ -184,11 +184,12 @@ class ProposalBaseline(Baseline):
         pairs_of_row = [train.by_image[i] for i in images]
         targets_of_row = np.split(np.asarray(targets, dtype=np.int64), np.cumsum([len(p) for p in pairs_of_row])[:-1])
 
-        self.scorer = ProposalScorer(self.profile, len(self.vocab), padded.shape[2], settings.hidden,
-                                     settings.text_dim).to(self.device)
-        optimizer = Adam(self.scorer.parameters(), lr=settings.lr)
+        with seeded(self.seed, f"{self.name}/init"):
+            self.scorer = ProposalScorer(self.profile, len(self.vocab), padded.shape[2], settings.hidden,
+                                         settings.text_dim).to(self.device)
+        optimizer = torch.optim.Adam([p for p in self.scorer.parameters() if p.requires_grad], lr=settings.lr)
         self.scorer.train()
-        for rows in tqdm(image_batches(len(images), settings.batch_images, settings.iterations, settings.seed),
+        for rows in tqdm(image_batches(len(images), settings.batch_images, settings.iterations, self.seed_of("batches")),
                          total=settings.iterations, desc=f"{self.name} fit", unit="it",
                          disable=not self.progress, leave=False):
             # Every pair of the batch's images; each image's regions are embedded once.

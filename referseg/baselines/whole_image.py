@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from referseg.baselines.common import Baseline, SplitData
+from referseg.baselines.common import Baseline
+from referseg.runs import SplitData
 
 
 class WholeImage(Baseline):

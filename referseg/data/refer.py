@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as coco_mask
 
 from referseg.data import transforms
+from referseg.data.images import image_size, preprocess, read_image
 from referseg.text import Vocabulary, tokenize
 
 if TYPE_CHECKING:
@@ -179,34 +179,6 @@ def decode_segmentation(segmentation: Any, height: int, width: int, where: str =
     return decoded.any(axis=2) if decoded.ndim == 3 else decoded.astype(bool)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file as uint8 HxWx3 RGB (grayscale replicated, alpha dropped; SPEC 3)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file {path} does not exist; check the dataset's images folder")
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("L", "RGB", "RGBA"):
-                image = image.convert("RGB")
-            array = np.asarray(image)
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise ValueError(f"cannot read image file {path}: {error}") from error
-    if array.dtype != np.uint8:
-        raise ValueError(f"image file {path}: expected 8-bit pixels, got {array.dtype}")
-    return transforms.to_rgb(array, name=str(path))
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from an image file's header."""
-    try:
-        with Image.open(path) as image:
-            return image.height, image.width
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"image file {path} does not exist, and no referit_imsize.json gives its size") from error
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"cannot read image file {path}: {error}") from error
-
-
 def _check_split(split: str, available: Sequence[str], name: str) -> None:
     if split != "trainval" and split not in available:
         valid = sorted(set(available) | ({"trainval"} if {"train", "val"} <= set(available) else set()),
@@ -227,10 +199,51 @@ def _refer_layout(dataset: str, split_by: str) -> str:
                "<root>/mask/<imgid>_<k>.mat, <root>/images/<imgid>.jpg" if dataset == "refclef" else ""))
 
 
+class _PairSource:
+    """What both on-disk formats share: pairs by split (``trainval`` = train + val) and images."""
+
+    name: str
+    image_dir: Path
+    images: dict[int, dict]
+    _pairs: dict[str, list[Pair]]
+
+    @property
+    def splits(self) -> list[str]:
+        """The stored splits, plus ``trainval`` when train and val are there."""
+        names = list(self._pairs)
+        if "train" in names and "val" in names and "trainval" not in names:
+            names.append("trainval")
+        return sorted(names, key=_split_key)
+
+    def pairs(self, split: str) -> list[Pair]:
+        """Every (region, expression) pair of a split; ``trainval`` = train + val (SPEC 2).
+
+        ``test`` follows the REFER API: every split whose name contains "test" (RefCOCO's testA
+        and testB), in name order.
+        """
+        if split == "test":
+            tests = sorted(name for name in self._pairs if "test" in name)
+            if tests:
+                return [pair for name in tests for pair in self._pairs[name]]
+        if split == "trainval" and "trainval" not in self._pairs:
+            _check_split("train", list(self._pairs), self.name)
+            _check_split("val", list(self._pairs), self.name)
+            return self._pairs["train"] + self._pairs["val"]
+        _check_split(split, list(self._pairs), self.name)
+        return list(self._pairs[split])
+
+    def image_path(self, image_id: int) -> Path:
+        return self.image_dir / self.images[image_id]["file_name"]
+
+    def load_image(self, image_id: int) -> np.ndarray:
+        """The image as uint8 HxWx3 RGB (:func:`referseg.data.images.read_image`)."""
+        return read_image(self.image_path(image_id))
+
+
 # ---------------------------------------------------------------------------- REFER
 
 
-class Refer:
+class Refer(_PairSource):
     """One REFER dataset on disk: ``<root>/<dataset>/instances.json`` + ``refs(<split_by>).p``.
 
     ``Refer(root, "refclef", "berkeley")`` is the paper's ReferIt split (SPEC 2), minus the
@@ -260,11 +273,19 @@ class Refer:
         for key in ("images", "annotations", "categories"):
             if key not in instances:
                 raise ValueError(f"{self.instances_file} has no {key!r} list; is it a COCO-style instances file?")
-        self.images: dict[int, dict] = {
-            int(im["id"]): {"id": int(im["id"]), "file_name": im["file_name"],
-                            "height": int(im["height"]), "width": int(im["width"])}
-            for im in instances["images"]
-        }
+        self.images: dict[int, dict] = {}
+        for index, im in enumerate(instances["images"]):
+            try:
+                self.images[int(im["id"])] = {"id": int(im["id"]), "file_name": str(im["file_name"]),
+                                              "height": int(im["height"]), "width": int(im["width"])}
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"{self.instances_file}: image entry {index} has no valid {error} field; "
+                                 "each image needs id, file_name, height and width") from None
+        for index, ann in enumerate(instances["annotations"]):
+            missing = [key for key in ("id", "image_id", "segmentation") if key not in ann]
+            if missing:
+                raise ValueError(f"{self.instances_file}: annotation entry {index} has no {', '.join(missing)}; "
+                                 "each annotation needs id, image_id and segmentation (polygons or RLE)")
         self.annotations: dict[int, dict] = {int(a["id"]): a for a in instances["annotations"]}
         self.categories: dict[int, dict] = {int(c["id"]): c for c in instances["categories"]}
         refs = load_refs_pickle(self.refs_file)
@@ -310,30 +331,6 @@ class Refer:
             )
         self.skipped = {"refs": skipped_refs, "pairs": skipped_pairs, "images": len(known_missing | absent)}
 
-    @property
-    def splits(self) -> list[str]:
-        """The splits of the refs file, plus ``trainval`` when it has train and val."""
-        names = list(self._pairs)
-        if "train" in names and "val" in names:
-            names.append("trainval")
-        return sorted(names, key=_split_key)
-
-    def pairs(self, split: str) -> list[Pair]:
-        """Every (region, expression) pair of a split; ``trainval`` = train + val (SPEC 2)."""
-        if split == "trainval" and "trainval" not in self._pairs:
-            _check_split("train", list(self._pairs), self.name)
-            _check_split("val", list(self._pairs), self.name)
-            return self._pairs["train"] + self._pairs["val"]
-        _check_split(split, list(self._pairs), self.name)
-        return list(self._pairs[split])
-
-    def image_path(self, image_id: int) -> Path:
-        return self.image_dir / self.images[image_id]["file_name"]
-
-    def load_image(self, image_id: int) -> np.ndarray:
-        """The image as uint8 HxWx3 RGB; a missing file is an error naming it."""
-        return read_image(self.image_path(image_id))
-
     def load_mask(self, ann_id: int) -> np.ndarray:
         """The region's ground truth as bool HxW at the original image size."""
         ann = self.annotations[ann_id]
@@ -349,7 +346,7 @@ def _split_key(split: str) -> tuple[int, str]:
 # ---------------------------------------------------------------------------- official format
 
 
-class OfficialReferIt:
+class OfficialReferIt(_PairSource):
     """ReferIt in the official implementation's format (SPEC 2).
 
     ``referit_query_{split}.json`` (``{"<imgid>_<k>": [expr, ...]}``), masks
@@ -391,7 +388,7 @@ class OfficialReferIt:
             if file_name in sizes:
                 width, height = sizes[file_name]
             else:
-                height, width = _image_size(self.image_dir / file_name)
+                height, width = image_size(self.image_dir / file_name)
             self.images[image_id] = {"id": image_id, "file_name": file_name, "height": int(height),
                                      "width": int(width)}
 
@@ -412,26 +409,6 @@ class OfficialReferIt:
                 pairs.append(Pair(ref_id=ann_id, ann_id=ann_id, image_id=image_id, sent_id=ann_id * 100 + j,
                                   split=split, expression=expression, type=None, category="", is_stuff=False))
         return pairs
-
-    @property
-    def splits(self) -> list[str]:
-        names = list(self._pairs)
-        if "train" in names and "val" in names and "trainval" not in names:
-            names.append("trainval")
-        return sorted(names, key=_split_key)
-
-    def pairs(self, split: str) -> list[Pair]:
-        """The pairs of a split; ``trainval`` from its own file, else train + val."""
-        if split == "trainval" and "trainval" not in self._pairs and {"train", "val"} <= set(self._pairs):
-            return self._pairs["train"] + self._pairs["val"]
-        _check_split(split, list(self._pairs), self.name)
-        return list(self._pairs[split])
-
-    def image_path(self, image_id: int) -> Path:
-        return self.image_dir / self.images[image_id]["file_name"]
-
-    def load_image(self, image_id: int) -> np.ndarray:
-        return read_image(self.image_path(image_id))
 
     def load_mask(self, ann_id: int) -> np.ndarray:
         """Ground truth of region ``<imgid>_<k>``: ``loadmat(f)['segimg_t'] == 0`` (SPEC 2)."""
@@ -459,8 +436,10 @@ class OfficialReferIt:
 class ReferSegDataset(torch.utils.data.Dataset):
     """(image, expression) -> mask samples of one split, letterboxed as in SPEC 3 and 5.
 
-    Decoded letterboxed masks are cached per annotation as compact RLEs (several
-    expressions share a region), so even ReferIt's 50k regions cost little memory.
+    The one description of a split: its pairs, their token ids (encoded once, SPEC 2) and
+    the row of each pair's image (``pair_image``, the row in the feature cache). Decoded
+    letterboxed masks are cached per annotation as compact RLEs (several expressions share
+    a region), so even ReferIt's 50k regions cost little memory.
     """
 
     def __init__(self, refer: Refer | OfficialReferIt, split: str, vocab: Vocabulary, profile: Profile):
@@ -474,6 +453,9 @@ class ReferSegDataset(torch.utils.data.Dataset):
                              f"its splits are {', '.join(refer.splits)}")
         self.image_ids: list[int] = list(dict.fromkeys(p.image_id for p in self.pairs))
         self._image_index = {image_id: i for i, image_id in enumerate(self.image_ids)}
+        self.pair_image = np.array([self._image_index[p.image_id] for p in self.pairs], dtype=np.int64)
+        self.tokens = torch.tensor([vocab.encode(p.expression, profile.seq_len) for p in self.pairs],
+                                   dtype=torch.int64)  # SPEC 2: T ids, left-padded
         self._mask_cache: dict[int, tuple[dict, tuple[int, int]]] = {}
 
     def __len__(self) -> int:
@@ -481,12 +463,7 @@ class ReferSegDataset(torch.utils.data.Dataset):
 
     def image_tensor(self, image_index: int) -> torch.Tensor:
         """(3, S, S) letterboxed image normalised with the profile's mean/std (SPEC 3)."""
-        image = self.refer.load_image(self.image_ids[image_index])
-        return self._normalise(image)
-
-    def _normalise(self, image: np.ndarray) -> torch.Tensor:
-        boxed = transforms.letterbox_image(image, self.profile.input_size)
-        return transforms.normalize(boxed, self.profile.pixel_mean, self.profile.pixel_std)
+        return preprocess(self.refer.load_image(self.image_ids[image_index]), self.profile)
 
     def _letterboxed_mask(self, ann_id: int) -> tuple[np.ndarray, tuple[int, int]]:
         """The (S, S) letterboxed mask and the original (h, w), cached as an RLE."""
@@ -507,14 +484,13 @@ class ReferSegDataset(torch.utils.data.Dataset):
                 f"{self.refer.name}: mask of annotation {pair.ann_id} is {mask_shape[0]}x{mask_shape[1]} but its "
                 f"image {self.refer.image_path(pair.image_id)} is {image.shape[0]}x{image.shape[1]} (height x width)"
             )
-        tokens = self.vocab.encode(pair.expression, self.profile.seq_len)  # SPEC 2: T, left-padded
         lowres = transforms.lowres_labels(mask, self.profile.grid, self.profile.lowres_labels)  # SPEC 5
         return {
-            "image": self._normalise(image),
-            "tokens": torch.tensor(tokens, dtype=torch.int64),
+            "image": preprocess(image, self.profile),
+            "tokens": self.tokens[i],
             "mask": torch.from_numpy(mask.astype(np.float32)),
             "lowres": torch.from_numpy(lowres.astype(np.float32)),
-            "image_index": self._image_index[pair.image_id],
+            "image_index": int(self.pair_image[i]),
             "index": i,
         }
 

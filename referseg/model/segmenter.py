@@ -87,6 +87,10 @@ class Segmenter(nn.Module):
             nn.ReLU(),
             nn.Conv2d(profile.d_cls, 1, kernel_size=1),
         )
+        if profile.init == "official":  # SPEC 4: N(0, 0.05) and N(0, 0.1), zero biases
+            for layer, std in ((self.classifier[0], 0.05), (self.classifier[2], 0.1)):
+                nn.init.normal_(layer.weight, 0.0, std)
+                nn.init.zeros_(layer.bias)
         # Upsampling (SPEC 4): 2s x 2s transposed conv, stride s, no bias, bilinear init, trained.
         s = profile.stride
         self.upsample = nn.ConvTranspose2d(1, 1, 2 * s, stride=s, padding=s // 2, bias=False)
