@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from referseg.baselines import BASELINES  # the names only; no torch at import
 from referseg.config import PROFILES, Profile, get_profile
 
 
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=cmd_predict)
 
     baseline = sub.add_parser("baseline", help="train (where needed) and evaluate one baseline")
-    baseline.add_argument("name", help="whole-image, per-word, box-retrieval or proposal-classification")
+    baseline.add_argument("name", help=", ".join(BASELINES))
     baseline.add_argument("--run", required=True, help="run folder, e.g. runs/cpu")
     baseline.add_argument("--split", default="test")
     baseline.add_argument("--device", default="auto")
