@@ -112,6 +112,70 @@ def cmd_book(args: argparse.Namespace) -> int:
                       force=args.force, build_html=not args.no_html)
 
 
+# --- data fetch-referit-text, fetch-referit, check (referseg.data.fetch) ---------
+
+def cmd_data_fetch_referit_text(args: argparse.Namespace) -> int:
+    from referseg.data.fetch import OFFICIAL_COMMIT, OFFICIAL_REPO, fetch_referit_text
+
+    paths = fetch_referit_text(Path(args.out), from_dir=args.from_dir, url_base=args.url_base)
+    origin = args.from_dir or f"{OFFICIAL_REPO}@{OFFICIAL_COMMIT[:7]}"
+    print(f"{len(paths)} official ReferIt text files in {args.out} (from {origin}; SHA-256 checked)")
+    return 0
+
+
+def cmd_data_fetch_referit(args: argparse.Namespace) -> int:
+    from referseg.data.fetch import SOURCES, describe_sources, fetch_referit
+
+    if args.source is None:
+        print(describe_sources())
+        return 0
+    out = Path(args.out or SOURCES[args.source].out) if args.source in SOURCES else args.out
+    fetch_referit(args.source, out, url_base=args.url_base, text=not args.no_text, text_from=args.text_from,
+                  timeout=args.timeout, retries=args.retries, keep_archives=args.keep_archives)
+    print(f"source {args.source!r} is in {out}; check it with: referseg data check {out}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from referseg.data.fetch import check_referit, load_expected
+
+    expected = load_expected(args.expected) if args.expected else None
+    report = check_referit(Path(args.root), expected=expected, masks=not args.no_masks)
+    print(report.text())
+    return 0 if report.ok else 1
+
+
+def _add_fetch_parsers(data_sub: Any) -> None:
+    text = data_sub.add_parser("fetch-referit-text", help="place the official ReferIt text files (queries, "
+                               "splits, sizes, vocabulary), SHA-256 checked")
+    text.add_argument("--out", default="data/referit-text", help="output folder (default: data/referit-text)")
+    text.add_argument("--from", dest="from_dir", default=None, metavar="DIR",
+                      help="copy from a local folder instead of downloading from ronghanghu/text_objseg")
+    text.add_argument("--url-base", default=None, metavar="URL", help="download URL/<name> instead (a mirror)")
+    text.set_defaults(func=cmd_data_fetch_referit_text)
+    fetch = data_sub.add_parser("fetch-referit", help="download ReferIt (images, masks or the REFER release) "
+                                "or the official models; without --source, list the sources")
+    fetch.add_argument("--source", default=None, metavar="NAME",
+                       help="official, models, refclef, saiapr or refer (default: list them and exit)")
+    fetch.add_argument("--out", default=None, help="output folder (default: data/referit, "
+                       "data/referit-models for models)")
+    fetch.add_argument("--url-base", default=None, metavar="URL",
+                       help="fetch each file of the source from URL/<filename> over plain HTTP (a mirror)")
+    fetch.add_argument("--text-from", default=None, metavar="DIR",
+                       help="official: copy the text files from DIR instead of downloading them")
+    fetch.add_argument("--no-text", action="store_true", help="official: skip the text files")
+    fetch.add_argument("--keep-archives", action="store_true", help="keep the archives in <out>/downloads/")
+    fetch.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server (default: 60)")
+    fetch.add_argument("--retries", type=int, default=3, help="resumes of a broken transfer (default: 3)")
+    fetch.set_defaults(func=cmd_data_fetch_referit)
+    check = data_sub.add_parser("check", help="check a ReferIt copy (either layout) against the paper's split")
+    check.add_argument("root", help="the copy, e.g. data/referit")
+    check.add_argument("--expected", default=None, metavar="FILE.json",
+                       help='expected counts instead of SPEC 2\'s: {"test": [images, regions, pairs], ...}')
+    check.add_argument("--no-masks", action="store_true", help="do not decode every mask (faster)")
+    check.set_defaults(func=cmd_data_check)
+
+
 # --- parser ---------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--vocab", default=None, help="vocabulary file for the unknown-token rate "
                        "(default: built from the training split)")
     stats.set_defaults(func=cmd_data_stats)
+    _add_fetch_parsers(data_sub)
 
     train = sub.add_parser("train", help="train stage 1 (low resolution) or stage 2 (high resolution)")
     _add_profile_args(train)

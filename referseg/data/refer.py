@@ -59,10 +59,11 @@ SAIAPR_STUFF = frozenset({
 })
 SPLIT_ORDER = ("train", "val", "trainval", "test")
 OBTAIN_HINT = (
-    "The original download links are dead and nothing here downloads it: bring your own copy "
-    "(the REFER release's refclef annotations and the SAIAPR TC-12 / ReferItGame images, or the "
-    "official implementation's ReferIt files); see data/README.md. Without ReferIt, use the "
-    "'cpu' or 'smoke' profile, which generate SynthRef."
+    "The original download links are dead; 'referseg data fetch-referit' lists the sources that "
+    "remain (the official files on Google Drive, the REFER release on web.archive.org) and fetches "
+    "one, or bring your own copy (the REFER release's refclef annotations and the SAIAPR TC-12 "
+    "images, or the official implementation's ReferIt files); see data/README.md, and check a copy "
+    "with 'referseg data check'. Without ReferIt, use the 'cpu' or 'smoke' profile, which generate SynthRef."
 )
 
 
