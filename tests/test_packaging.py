@@ -50,7 +50,7 @@ def test_ci_runs_make_test():
 @pytest.mark.parametrize(
     "argv",
     [[], ["data"], ["data", "synth"], ["data", "stats"], ["train"], ["evaluate"], ["predict"],
-     ["baseline"], ["book"]],
+     ["baseline"], ["convert-official"], ["book"]],
 )
 def test_every_subcommand_has_help(argv):
     out = subprocess.run([sys.executable, "-m", "referseg", *argv, "--help"], capture_output=True, text=True,
