@@ -14,6 +14,7 @@ is itself checked against TensorFlow's ops.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -370,6 +371,22 @@ def test_numpy_graph_is_tensorflows(release):
     _, expected = official_forward(release["highres"], release["fed"], release["tokens"])
     actual = tensorflow_forward(tf, release["highres"], release["fed"], release["tokens"])
     assert np.abs(actual - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
+
+
+def test_evaluate_accepts_the_converted_run(release, tmp_path, refclef_data):
+    """`referseg evaluate --run` on the converted folder, both protocols, on a tiny REFER ReferIt."""
+    from referseg.evaluate import evaluate_run
+
+    tfmodel = write_variables(tmp_path / "variables.npz", release["highres"], "npz")
+    run = tmp_path / "paper-official"
+    data_root = str(tmp_path / "refclef-berkeley")
+    convert_official(release["vgg"], tfmodel, run / "stage2" / "checkpoint.pt", vocab=release["vocab"],
+                     overrides={**SMALL, "data_root": data_root})
+    table = evaluate_run(run, split="test", mode="official", device="cpu", progress=False)
+    assert "overall IoU" in table.columns and len(table) == 1
+    summary = json.loads((run / "eval" / "ours-highres_test.json").read_text())
+    assert summary["mode"] == "official" and set(summary["by_mode"]) == {"official", "logits"}
+    assert summary["samples"] == refclef_data["pairs"]["test"]
 
 
 # --------------------------------------------------------------------------- refusals
