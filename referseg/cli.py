@@ -1,4 +1,4 @@
-"""The ``referseg`` command: data, train, evaluate, predict, baseline, book.
+"""The ``referseg`` command: data, train, evaluate, predict, baseline, convert-official, book.
 
 Each subcommand parses its arguments here and calls one function of the package,
 imported lazily so that ``referseg --help`` stays fast.
@@ -100,6 +100,18 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     from referseg.baselines import run_baseline
 
     run_baseline(args.name, Path(args.run), split=args.split, device=args.device)
+    return 0
+
+
+def cmd_convert_official(args: argparse.Namespace) -> int:
+    from referseg.convert import TensorFlowMissingError, convert_official
+
+    try:
+        convert_official(Path(args.vgg), Path(args.tfmodel), Path(args.out), stage=args.stage,
+                         vocab=Path(args.vocab) if args.vocab else None, overrides=parse_overrides(args.set))
+    except TensorFlowMissingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -233,6 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.add_argument("--split", default="test")
     baseline.add_argument("--device", default="auto")
     baseline.set_defaults(func=cmd_baseline)
+
+    convert = sub.add_parser("convert-official",
+                             help="turn the official TensorFlow release into a paper-profile checkpoint")
+    convert.add_argument("--vgg", required=True, help="the official VGG-16, e.g. data/referit-models/vgg_params.npz")
+    convert.add_argument("--tfmodel", required=True,
+                         help="a released .tfmodel (needs the 'convert' extra: TensorFlow), or an .npz of its "
+                              "variables by TensorFlow name")
+    convert.add_argument("--out", required=True,
+                         help="checkpoint to write, e.g. runs/paper-official/stage2/checkpoint.pt (the run "
+                              "folder's config.json and vocab.txt are written beside stage<N>/)")
+    convert.add_argument("--stage", type=int, choices=(1, 2), default=2,
+                         help="2: the high-resolution model (highres_iter_18000, default); 1: low resolution")
+    convert.add_argument("--vocab", default=None, help="the official vocabulary_referit.txt (default: looked "
+                         "for in data/referit/ and beside --tfmodel and --vgg)")
+    convert.add_argument("--set", action="append", metavar="NAME=VALUE",
+                         help="override a paper-profile parameter, e.g. --set data_root=/data/referit")
+    convert.set_defaults(func=cmd_convert_official)
 
     book = sub.add_parser("book", help="execute the notebooks with papermill, then build the book")
     _add_profile_args(book)

@@ -19,6 +19,7 @@ from typing import Any
 
 # SPEC 3: Caffe VGG-16 input: RGB on a 0-255 scale minus this mean, no std.
 CAFFE_MEAN = (123.68, 116.779, 103.939)
+CAFFE_STD = (1.0, 1.0, 1.0)
 # torchvision's ImageNet weights expect RGB in [0, 1] with this mean/std (SPEC 8);
 # expressed here on the 0-255 scale so every backbone normalises the same way.
 TORCHVISION_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -28,6 +29,12 @@ LITE_MEAN = (127.0, 127.0, 127.0)
 LITE_STD = (128.0, 128.0, 128.0)
 
 BACKBONES = ("vgg16", "efficientnet_lite0", "slim_vgg16")
+# The input each backbone's own weights expect, restored when a profile stops using the official file.
+BACKBONE_PREPROCESSING = {
+    "vgg16": (TORCHVISION_MEAN, TORCHVISION_STD),
+    "slim_vgg16": (TORCHVISION_MEAN, TORCHVISION_STD),
+    "efficientnet_lite0": (LITE_MEAN, LITE_STD),
+}
 TEXT_ENCODERS = ("lstm", "bow")
 LOWRES_LABELS = ("or", "nearest")
 EVAL_MODES = ("logits", "official")
@@ -69,7 +76,9 @@ class Profile:
     pixel_std: tuple[float, float, float] = TORCHVISION_STD  # SPEC 8 (Caffe used std 1)
     # --- visual features (SPEC 4) ---
     backbone: str = "vgg16"  # one of BACKBONES
-    backbone_weights: str | None = "imagenet"  # "imagenet", a file path, or None (random)
+    # "imagenet", a file path, or None (random). A path ending in .npz is the official code's VGG-16
+    # (Caffe weights converted, vgg_params.npz) and ties pixel_mean/std to Caffe's (see below).
+    backbone_weights: str | None = "imagenet"
     stride: int = 32  # SPEC 4: s = 32 for VGG-16 (512 -> 16x16)
     width_mult: float = 1.0  # slim VGG-16 only: channel width multiplier
     fc6_kernel: int = 7  # SPEC 4: fc6 is a 7x7 conv, padding 3
@@ -138,6 +147,8 @@ class Profile:
             raise ValueError(
                 f"input_size={self.input_size} is not a multiple of stride={self.stride}"
             )
+        if is_official_vgg_weights(self.backbone_weights):
+            _check_official_weights(self)
 
     @property
     def grid(self) -> int:
@@ -261,6 +272,48 @@ def _check_fields(config: Any, prefix: str = "") -> None:
             object.__setattr__(config, f.name, tuple(float(v) for v in value))
 
 
+def is_official_vgg_weights(backbone_weights: str | None) -> bool:
+    """True for the official code's VGG-16 file (``vgg_params.npz``): the only .npz a backbone reads.
+
+    The file format decides how the weights are read (NumPy, not ``torch.load``) and what
+    input they expect (SPEC 3: RGB on 0-255 minus CAFFE_MEAN, std 1, as the official code feeds them).
+    """
+    return isinstance(backbone_weights, str) and backbone_weights.lower().endswith(".npz")
+
+
+def _check_official_weights(profile: Profile) -> None:
+    """The official VGG-16 needs vgg16 and Caffe's preprocessing; anything else would be silently wrong."""
+    if profile.backbone != "vgg16":
+        raise ValueError(
+            f"backbone_weights={profile.backbone_weights!r} is the official VGG-16 (.npz), but "
+            f"backbone={profile.backbone!r}; use backbone=vgg16"
+        )
+    mean = tuple(float(v) for v in profile.pixel_mean)
+    std = tuple(float(v) for v in profile.pixel_std)
+    if mean != CAFFE_MEAN or std != CAFFE_STD:
+        raise ValueError(
+            f"backbone_weights={profile.backbone_weights!r} is the official Caffe VGG-16 (.npz), which "
+            f"expects RGB on 0-255 minus {list(CAFFE_MEAN)} with std 1 (SPEC 3), but the profile has "
+            f"pixel_mean={list(mean)}, pixel_std={list(std)}. Leave pixel_mean and pixel_std unset "
+            "(changing backbone_weights sets them), or set pixel_mean=[123.68,116.779,103.939] pixel_std=[1,1,1]"
+        )
+
+
+def _preprocessing_for(profile: Profile, overrides: dict[str, Any]) -> dict[str, Any]:
+    """pixel_mean/std implied by a change of weights: Caffe's for the official .npz (SPEC 3), and the
+    backbone's own when a profile stops using it. Explicit pixel_mean/pixel_std overrides win."""
+    if {"pixel_mean", "pixel_std"} & set(overrides) or not {"backbone", "backbone_weights"} & set(overrides):
+        return {}
+    weights = overrides.get("backbone_weights", profile.backbone_weights)
+    backbone = overrides.get("backbone", profile.backbone)
+    if is_official_vgg_weights(weights):
+        return {"pixel_mean": CAFFE_MEAN, "pixel_std": CAFFE_STD}
+    if is_official_vgg_weights(profile.backbone_weights) and backbone in BACKBONE_PREPROCESSING:
+        mean, std = BACKBONE_PREPROCESSING[backbone]
+        return {"pixel_mean": mean, "pixel_std": std}
+    return {}
+
+
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}")
@@ -284,6 +337,7 @@ def _apply_overrides(profile: Profile, overrides: dict[str, Any]) -> Profile:
                 raise ValueError(f"unknown {key} parameters {sorted(bad)}; valid: {', '.join(stage_fields)}")
             value = dataclasses.replace(stage, **value)
         changes[key] = value
+    changes.update(_preprocessing_for(profile, overrides))
     return dataclasses.replace(profile, **changes)
 
 

@@ -1,7 +1,8 @@
-"""Atomic writes: a result file is either complete or absent, never half written."""
+"""Atomic writes: a result file is either complete or absent, never half written. File digests."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -49,3 +50,12 @@ def atomic_save(path: str | Path, write: Callable[[IO], None]) -> None:
     """Call ``write(handle)`` on a binary temporary file, then rename (e.g. ``torch.save``)."""
     with atomic_open(path, "wb") as handle:
         write(handle)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a whole file, read in chunks (the official VGG-16 file is 528 MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

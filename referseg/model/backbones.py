@@ -4,6 +4,10 @@
 :func:`build_fc_head` returns fc6/fc7/fc8 as convolutions (:class:`FCHead`), for VGG-16
 loaded from the ImageNet classifier reshaped into convolutions. Nothing here ever
 downloads: missing weight files fail at once with the file name and where to put it.
+
+VGG-16 weights come from torchvision (a state_dict) or from the official code's
+``vgg_params.npz`` (the Caffe VGG-16 converted to TensorFlow layouts, read by
+:func:`read_official_vgg_params` without running any code from the file).
 """
 
 from __future__ import annotations
@@ -11,15 +15,19 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import pickle
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from referseg.config import Profile
+from referseg.config import Profile, is_official_vgg_weights
 
 # --------------------------------------------------------------------------- weights files
 
@@ -27,6 +35,10 @@ VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 # torchvision's classifier: Linear(512*7*7, 4096), ReLU, Dropout, Linear(4096, 4096), ReLU, Dropout, Linear(4096, 1000)
 VGG16_CLASSIFIER_KEYS = {"fc6": "classifier.0", "fc7": "classifier.3", "fc8": "classifier.6"}
 _FINGERPRINT_BYTES = 1 << 20
+# The official code's layer names (models/vgg_net.py), in order; fc6-fc8 are the classifier.
+OFFICIAL_VGG_CONV = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
+                     "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3")
+OFFICIAL_VGG_FC = ("fc6", "fc7", "fc8")
 
 
 def vgg16_imagenet_file() -> Path:
@@ -94,11 +106,16 @@ def _weights_file(profile: Profile) -> tuple[Path | None, str]:
         raise ValueError(f"backbone={profile.backbone!r} has no ImageNet weights; set backbone_weights=None")
     path = Path(choice).expanduser()
     if not path.is_file():
+        if is_official_vgg_weights(choice):
+            raise FileNotFoundError(
+                f"backbone_weights={choice!r}: no such file. It is the official code's VGG-16 "
+                "(vgg_params.npz): `referseg data fetch-referit` puts it in data/referit-models/"
+            )
         raise FileNotFoundError(
             f"backbone_weights={choice!r}: no such file. Give the path of a {profile.backbone} state_dict, "
             "'imagenet', or None for random initialisation"
         )
-    return path, "file"
+    return path, "official" if is_official_vgg_weights(choice) else "file"
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -132,6 +149,148 @@ def _seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+# --------------------------------------------------------------------------- the official VGG-16 file
+
+
+class UnsafeWeightsError(pickle.UnpicklingError):
+    """The weights file would build an object other than NumPy arrays in a dict; refused, not run."""
+
+
+def _numpy_reconstruct() -> Any:
+    try:  # NumPy 2
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+class _ArrayDictUnpickler(pickle.Unpickler):
+    """Unpickler that can build only NumPy arrays (and the dicts, lists and strings around them).
+
+    ``vgg_params.npz`` stores two dicts of arrays as pickled object arrays, so ``np.load`` would
+    need ``allow_pickle=True``, which runs whatever the file names. Here the only callables a
+    pickle may name are NumPy's own array and dtype constructors; anything else is refused.
+    """
+
+    def __init__(self, file: Any, path: Path):
+        super().__init__(file, encoding="latin1")  # written by Python 2: latin1 keeps array bytes intact
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            return _numpy_reconstruct()
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        raise UnsafeWeightsError(
+            f"{self.path}: refusing to load this file: it would build the object {module}.{name}, but "
+            "the official vgg_params.npz holds only NumPy arrays. Nothing from it was executed."
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeWeightsError(f"{self.path}: refusing a pickle with persistent ids; it is not vgg_params.npz")
+
+
+def _read_pickled_member(path: Path, archive: zipfile.ZipFile, member: str) -> Any:
+    """The object inside one pickled (object-dtype) ``.npy`` member, through the restricted unpickler."""
+    with archive.open(member) as handle:
+        version = np.lib.format.read_magic(handle)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise ValueError(f"{path}: {member} has .npy format version {version}, not 1.0 or 2.0")
+        _shape, _fortran, dtype = readers[version](handle)
+        if not dtype.hasobject:
+            raise ValueError(f"{path}: {member} is a plain {dtype} array, not the official dict of layers")
+        value = _ArrayDictUnpickler(handle, path).load()
+    if isinstance(value, np.ndarray) and value.dtype == object and value.shape == ():
+        value = value.item()
+    return value
+
+
+def read_official_vgg_params(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """``{layer: {"weights": W, "biases": b}}`` of the official ``vgg_params.npz``, TensorFlow layouts.
+
+    Two layouts are read: the official one (``processed_W`` and ``processed_B``, each a dict of
+    arrays pickled into an object array: read with a restricted unpickler that builds arrays
+    only), and a flat one (``conv1_1/weights``, ``conv1_1/biases``, ..., optionally under
+    ``vgg_local/``; read with ``allow_pickle=False``). Convolutions are ``[k, k, in, out]``; fc6-fc8
+    ``[in, out]`` (fc6's rows in pool5's (h, w, c) order) or already ``[k, k, in, out]``.
+    """
+    path = Path(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not a readable .npz file ({error})") from error
+    with archive:
+        members = {name[: -len(".npy")]: name for name in archive.namelist() if name.endswith(".npy")}
+        layers: dict[str, dict[str, np.ndarray]] = {}
+        if {"processed_W", "processed_B"} <= set(members):
+            for kind, member in (("weights", "processed_W"), ("biases", "processed_B")):
+                values = _read_pickled_member(path, archive, members[member])
+                if not isinstance(values, dict):
+                    raise ValueError(f"{path}: {member} is not a dict of layer arrays (got {type(values).__name__})")
+                for layer, array in values.items():
+                    layers.setdefault(str(layer), {})[kind] = array
+        else:
+            with np.load(path, allow_pickle=False) as flat:
+                for name in flat.files:
+                    key = name[len("vgg_local/"):] if name.startswith("vgg_local/") else name
+                    layer, _, kind = key.rpartition("/")
+                    if kind in ("weights", "biases") and layer:
+                        layers.setdefault(layer, {})[kind] = flat[name]
+    if not layers:
+        raise ValueError(
+            f"{path} holds no VGG-16 layers: expected the official vgg_params.npz (processed_W, processed_B) "
+            "or arrays named conv1_1/weights, conv1_1/biases, ..."
+        )
+    for layer, parts in layers.items():
+        for kind, array in parts.items():
+            if not isinstance(array, np.ndarray) or array.dtype.kind != "f":
+                raise ValueError(f"{path}: {layer}/{kind} is not a floating-point array")
+    return layers
+
+
+def official_vgg_layer(
+    layers: Mapping[str, Mapping[str, np.ndarray]], layer: str, shape: tuple[int, int, int, int], where: str,
+    prefix: str = "",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One official layer as a PyTorch convolution: ``(weight [out, in, k, k], bias [out])``.
+
+    ``shape`` is the TensorFlow filter shape ``[k, k, in, out]`` the model needs; an fc layer
+    stored as ``[k*k*in, out]`` is reshaped to it first (rows in (h, w, c) order, as the
+    official code reshapes fc6 for its fully convolutional model), then transposed HWIO -> OIHW.
+    ``prefix`` (e.g. ``vgg_local/``) completes the variable names in error messages.
+    """
+    name = f"{prefix}{layer}"
+    parts = layers.get(layer, {})
+    for kind in ("weights", "biases"):
+        if kind not in parts:
+            raise ValueError(f"{where} has no variable {name}/{kind} (found layers: {sorted(layers)})")
+    weights, biases = parts["weights"], parts["biases"]
+    flat = (math.prod(shape[:3]), shape[3])
+    if weights.shape != shape and weights.shape != flat:
+        raise ValueError(
+            f"{where}: {name}/weights has shape {tuple(weights.shape)}, but the profile's model needs {shape} "
+            f"(or {flat}); change the profile's sizes or use the matching file"
+        )
+    if biases.shape != (shape[3],):
+        raise ValueError(
+            f"{where}: {name}/biases has shape {tuple(biases.shape)}, but the profile's model needs {(shape[3],)}"
+        )
+    kernel = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).reshape(shape)
+    return kernel.permute(3, 2, 0, 1).contiguous(), torch.from_numpy(np.array(biases, dtype=np.float32))
+
+
+def official_vgg_features(layers: Mapping[str, Mapping[str, np.ndarray]], body: nn.Module,
+                          where: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The ``vgg_layers`` state_dict of ``body`` from official conv1_1..conv5_3 (as many as it has)."""
+    state: dict[str, torch.Tensor] = {}
+    convs = [(index, m) for index, m in enumerate(body) if isinstance(m, nn.Conv2d)]
+    for (index, conv), layer in zip(convs, OFFICIAL_VGG_CONV, strict=False):
+        shape = (conv.kernel_size[0], conv.kernel_size[1], conv.in_channels, conv.out_channels)
+        state[f"{index}.weight"], state[f"{index}.bias"] = official_vgg_layer(layers, layer, shape, where, prefix)
+    return state
 
 
 # --------------------------------------------------------------------------- wrapper
@@ -246,6 +405,9 @@ def _build_vgg(profile: Profile) -> Backbone:
         with _seeded(profile.seed):
             _init_vgg(body)
         weights_id = f"{profile.backbone}:random:{profile.seed}"
+    elif source == "official":  # the official code's vgg_params.npz (SPEC 3: fed RGB minus CAFFE_MEAN)
+        body.load_state_dict(official_vgg_features(read_official_vgg_params(path), body, str(path)), strict=True)
+        weights_id = f"{profile.backbone}:{source}:{file_fingerprint(path)}"
     else:
         state = _load_state_dict(path)
         features = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
@@ -282,13 +444,16 @@ def build_fc_head(profile: Profile, in_channels: int) -> FCHead:
     """fc6/fc7/fc8 with sizes from the profile (SPEC 4: fc6_kernel, d_fc, d_im).
 
     For vgg16 with "imagenet" or a file, the ImageNet classifier's Linear weights are
-    reshaped into the convolutions (fc6 4096x25088 -> 4096x512x7x7); otherwise PyTorch's
-    default initialisation.
+    reshaped into the convolutions (fc6 4096x25088 -> 4096x512x7x7; from the official
+    .npz, [25088, 4096] in (h, w, c) order -> 7x7x512x4096 -> 4096x512x7x7); otherwise
+    PyTorch's default initialisation.
     """
     if profile.backbone != "vgg16" or profile.backbone_weights is None:
         return FCHead(in_channels, profile.fc6_kernel, profile.d_fc, profile.d_im)
-    path, _ = _weights_file(profile)  # fails before allocating 100M parameters
+    path, source = _weights_file(profile)  # fails before allocating 100M parameters
     assert path is not None
+    if source == "official":
+        return _official_fc_head(profile, in_channels, path)
     expected = (in_channels, profile.fc6_kernel, profile.d_fc, profile.d_im)
     if expected != (512, 7, 4096, 1000):
         raise ValueError(
@@ -310,6 +475,20 @@ def build_fc_head(profile: Profile, in_channels: int) -> FCHead:
             # (clone: parameters must not stay views of the memory-mapped file)
             converted[f"{name}.{part}"] = source.reshape(target.shape).clone()
     head.load_state_dict(converted, strict=True, assign=True)
+    return head
+
+
+def _official_fc_head(profile: Profile, in_channels: int, path: Path) -> FCHead:
+    """fc6/fc7/fc8 from the official vgg_params.npz ([in, out] matrices reshaped to HWIO, then OIHW)."""
+    layers = read_official_vgg_params(path)
+    with torch.device("meta"):
+        head = FCHead(in_channels, profile.fc6_kernel, profile.d_fc, profile.d_im)
+    state: dict[str, torch.Tensor] = {}
+    for name in OFFICIAL_VGG_FC:
+        conv = getattr(head, name)
+        shape = (conv.kernel_size[0], conv.kernel_size[1], conv.in_channels, conv.out_channels)
+        state[f"{name}.weight"], state[f"{name}.bias"] = official_vgg_layer(layers, name, shape, str(path))
+    head.load_state_dict(state, strict=True, assign=True)
     return head
 
 
