@@ -334,3 +334,42 @@ def test_screenshot_of_the_built_book_shows_its_table(built_book):
     page = default_page(root / "_build" / "html")
     assert check_screenshot(page, png) == []
     assert not list(page.parent.glob(".screenshot-*")), "left its temporary copy of the page"
+
+
+# ---------------------------------------------------------------------------- offline
+
+LOADS = re.compile(r"""<(?:script|link)\b[^>]*\b(?:src|href)=["']([^"']+)["']""", re.IGNORECASE)
+CDN_IN_HTML = [re.compile(p, re.IGNORECASE) for p in (
+    r"""<script\b[^>]*\bsrc=["']?(?:https?:)?//""",
+    r"""<link\b[^>]*\bhref=["']?(?:https?:)?//""",
+    r"""(?:https?:)?//[^"'\s]*mathjax[^"'\s]*\.js""",  # MathJax from a CDN
+)]
+CDN_IN_CSS = re.compile(r"""@import\s+(?:url\()?["']?(?:https?:)?//|url\(["']?(?:https?:)?//""", re.IGNORECASE)
+CDN_IN_JS = CDN_IN_HTML[-1]  # a script that loads MathJax (or a part of it) from a CDN
+
+
+@pytest.mark.slow
+def test_the_built_book_loads_nothing_from_another_host(built_book):
+    root, code, _ = built_book
+    assert code == 0
+    html = root / "_build" / "html"
+    pages = sorted(html.rglob("*.html"))
+    loaded, problems = set(), []
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        problems += [f"{page.relative_to(html)}: {m.group(0)}" for p in CDN_IN_HTML for m in p.finditer(text)]
+        for target in LOADS.findall(text):
+            if "://" not in target:
+                loaded.add((page.parent / target.split("?")[0].split("#")[0]).resolve())
+    assets = {path for path in loaded if path.suffix in (".css", ".js")}
+    assert any(path.name == "tex-chtml.js" for path in assets), "no page loads the local MathJax"
+    for path in assets:
+        assert path.is_file(), f"a page loads {path}, which is not in the build"
+        pattern = CDN_IN_CSS if path.suffix == ".css" else CDN_IN_JS
+        problems += [f"{path.relative_to(html)}: {m.group(0)}" for m in pattern.finditer(path.read_text("utf-8"))]
+    assert problems == []
+    mathjax = html / "_static" / "mathjax" / "tex-chtml.js"
+    assert mathjax.is_file() and mathjax.stat().st_size > 100_000
+    assert any((html / "_static" / "mathjax" / "output" / "chtml" / "fonts").rglob("*.woff"))
+    method = (html / "book" / "method.html").read_text()
+    assert re.search(r'src="\.\./_static/mathjax/tex-chtml\.js(\?[^"]*)?"', method) and 'class="math' in method
