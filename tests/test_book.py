@@ -1,5 +1,6 @@
 """The book machinery: parameters cells, validation, papermill runs, skipping, failures,
-the student edition, the Jupyter Book build and its screenshot.
+the student edition, the Jupyter Book build, its offline assets, its launch buttons and the
+checks of every page in headless Chromium.
 
 Every run happens in a temporary copy of the book's files (``build_book(root=...)``), so
 the tests never touch a developer's ``book/notebooks``, ``runs`` or ``_build``.
@@ -22,12 +23,14 @@ from referseg.book import (
     PARAMETERS,
     PLACEHOLDERS,
     build_book,
+    build_html_book,
     notebook_sources,
     package_hash,
     parameter_names,
     read_notebook,
     toc_notebooks,
 )
+from referseg.bookext import REPOSITORY_ENV, repository_options, unique_scripts
 from referseg.screenshot import check_screenshot, default_page, find_chromium, table_section, table_with
 from referseg.screenshot import main as screenshot_main
 
@@ -336,7 +339,7 @@ def test_screenshot_of_the_built_book_shows_its_table(built_book):
     assert not list(page.parent.glob(".screenshot-*")), "left its temporary copy of the page"
 
 
-# ---------------------------------------------------------------------------- offline
+# ---------------------------------------------------------------------------- offline, launch buttons
 
 LOADS = re.compile(r"""<(?:script|link)\b[^>]*\b(?:src|href)=["']([^"']+)["']""", re.IGNORECASE)
 CDN_IN_HTML = [re.compile(p, re.IGNORECASE) for p in (
@@ -373,3 +376,52 @@ def test_the_built_book_loads_nothing_from_another_host(built_book):
     assert any((html / "_static" / "mathjax" / "output" / "chtml" / "fonts").rglob("*.woff"))
     method = (html / "book" / "method.html").read_text()
     assert re.search(r'src="\.\./_static/mathjax/tex-chtml\.js(\?[^"]*)?"', method) and 'class="math' in method
+
+
+def launch_links(html: Path) -> list[str]:
+    return sorted({m for page in html.rglob("*.html") for m in re.findall(
+        r"https://(?:mybinder\.org|colab\.research\.google\.com)[^\"'<>\s]*", page.read_text("utf-8"))})
+
+
+@pytest.mark.slow
+def test_no_launch_buttons_without_a_repository_url(built_book):
+    root, code, _ = built_book
+    assert code == 0
+    assert "url: \"\"" in (REPO / "_config.yml").read_text()  # this test assumes no URL is set
+    html = root / "_build" / "html"
+    assert launch_links(html) == []
+    assert "launch-buttons" not in (html / "book" / "notebooks" / "07_evaluation.html").read_text()
+
+
+@pytest.mark.slow
+def test_launch_buttons_appear_with_a_repository_url_from_the_environment(built_book, tmp_path, monkeypatch):
+    root, code, _ = built_book
+    assert code == 0
+    copy = tmp_path / "project"  # the executed notebooks, built again: no notebook runs
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("_build", "runs"))
+    monkeypatch.setenv(REPOSITORY_ENV, "https://github.com/someone/referseg")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert build_html_book(copy) == 0
+    links = launch_links(copy / "_build" / "html")
+    assert "https://mybinder.org/v2/gh/someone/referseg/main?urlpath=lab/tree/book/notebooks/07_evaluation.ipynb" in links
+    assert ("https://colab.research.google.com/github/someone/referseg/blob/main/book/notebooks/07_evaluation.ipynb"
+            in links)
+
+
+def test_launch_providers_are_dropped_without_a_repository_url():
+    theme = {"repository_url": "", "launch_buttons": {"binderhub_url": "https://mybinder.org",
+                                                      "colab_url": "https://colab.research.google.com",
+                                                      "notebook_interface": "jupyterlab", "thebe": False}}
+    assert repository_options(theme, environ={})["launch_buttons"] == {"notebook_interface": "jupyterlab"}
+    url = "https://github.com/someone/referseg"
+    with_url = repository_options(theme, environ={REPOSITORY_ENV: url})
+    assert with_url["repository_url"] == url and with_url["launch_buttons"] == theme["launch_buttons"]
+    assert repository_options({**theme, "repository_url": url}, environ={})["launch_buttons"]["binderhub_url"]
+
+
+def test_an_inline_script_added_twice_is_written_once():
+    from sphinx.builders.html._assets import _JavaScript
+
+    first, again = _JavaScript(None, body="const X = 1", priority=500), _JavaScript("", body="const X = 1", priority=500)
+    other = _JavaScript("_static/a.js", priority=500)
+    assert unique_scripts([first, other, again, other]) == [first, other]
