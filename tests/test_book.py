@@ -92,6 +92,7 @@ def make_project(dest: Path, notebooks: dict[str, str] | None = None) -> Path:
     (dest / "book").mkdir()
     for path in [*(REPO / "book").glob("*.md"), REPO / "book" / "references.bib"]:
         shutil.copy(path, dest / "book" / path.name)
+    shutil.copytree(REPO / "book" / "_static", dest / "book" / "_static")
     (dest / "notebooks").mkdir()
     if notebooks is None:
         for path in notebook_sources(REPO):
