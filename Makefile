@@ -7,10 +7,11 @@ PROFILE ?= cpu
 .PHONY: book test bench student screenshot lint clean help
 
 help:
-	@echo "make book      set up .venv, run every notebook for PROFILE=$(PROFILE), build _build/html"
-	@echo "make test      set up .venv and run the test suite"
-	@echo "make bench     run the benchmarks (benchmarks/results/)"
-	@echo "make student   write the student edition of the notebooks (student/)"
+	@echo "make book        set up .venv, run every notebook for PROFILE=$(PROFILE), build _build/html"
+	@echo "make test        set up .venv and run the test suite"
+	@echo "make bench       run the benchmarks (benchmarks/results/)"
+	@echo "make student     write the student edition of the notebooks (student/)"
+	@echo "make screenshot  check every page of the built book in headless Chromium (_build/screenshots/)"
 
 # One stamp per extra: reinstall when pyproject.toml changes.
 $(VENV)/.installed-%: pyproject.toml

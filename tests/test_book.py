@@ -31,7 +31,18 @@ from referseg.book import (
     toc_notebooks,
 )
 from referseg.bookext import REPOSITORY_ENV, repository_options, unique_scripts
-from referseg.screenshot import check_screenshot, default_page, find_chromium, table_section, table_with
+from referseg.screenshot import (
+    CHECKS,
+    book_pages,
+    check_book,
+    check_screenshot,
+    default_page,
+    find_chromium,
+    findings_text,
+    results_table,
+    table_section,
+    table_with,
+)
 from referseg.screenshot import main as screenshot_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -327,17 +338,55 @@ def test_blank_screenshot_is_reported(tmp_path):
     assert len(problems) == 1 and "looks blank" in problems[0]
 
 
+needs_chromium = pytest.mark.skipif(find_chromium() is None,
+                                    reason="no Chromium installed (apt-get install -y chromium)")
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(find_chromium() is None, reason="no Chromium installed (apt-get install -y chromium)")
+@needs_chromium
 def test_screenshot_of_the_built_book_shows_its_table(built_book):
     root, code, _ = built_book
     assert code == 0
     png = root / "_build" / "screenshots" / "page.png"
-    assert screenshot_main([str(root / "_build" / "html"), "--out", str(png)]) == 0
+    html = root / "_build" / "html"
+    page = default_page(html)
+    assert screenshot_main([str(html), "--page", page.relative_to(html).as_posix(), "--out", str(png),
+                            "--ignore", "wide_code"]) == 0
     assert Image.open(png).size == (1280, 2400)
-    page = default_page(root / "_build" / "html")
     assert check_screenshot(page, png) == []
-    assert not list(page.parent.glob(".screenshot-*")), "left its temporary copy of the page"
+    assert not list(page.parent.glob(".screenshot-*")), "left a temporary copy of the page"
+
+
+BAD_PAGE = """<!DOCTYPE html><html><head><title>bad</title>
+<script src="https://cdn.example.com/library.js"></script></head><body>
+<p>Raw $$x^2$$ and \\(y\\) left as text, but <code>$$</code> in code is fine.</p>
+<pre style="width: 200px; overflow: auto">{wide}</pre>
+<img src="missing.png"><img src="ok.png"><img src="../outside.png">
+<script>console.error("deliberate error");</script></body></html>"""
+GOOD_PAGE = """<!DOCTYPE html><html><head><title>good</title></head><body>
+<p>Math as <code>\\(x\\)</code>, only in code.</p><pre>{narrow}</pre><img src="ok.png"></body></html>"""
+
+
+@needs_chromium
+def test_page_checks_find_each_kind_of_problem(tmp_path):
+    html = tmp_path / "html"
+    html.mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(html / "ok.png")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "outside.png")  # loads, but not from html/
+    (html / "bad.html").write_text(BAD_PAGE.format(wide="x" * 200))
+    (html / "good.html").write_text(GOOD_PAGE.format(narrow="x" * 20))
+    (html / "index.html").write_text('<meta http-equiv="Refresh" content="0; url=good.html" />')
+    assert [p.name for p in book_pages(html)] == ["bad.html", "good.html"]  # not the redirect
+    bad, good = check_book(html)
+    assert good.failed() == [], findings_text([good])
+    assert bad.failed() == list(CHECKS), findings_text([bad])
+    assert len(bad.raw_tex) == 1 and "$$x^2$$" in bad.raw_tex[0]
+    assert bad.broken_images == ["missing.png"]
+    assert sorted(bad.outside_requests) == [(tmp_path / "outside.png").as_uri(), "https://cdn.example.com/library.js"]
+    assert any("deliberate error" in error for error in bad.console_errors)
+    assert bad.failed(ignore=("wide_code",)) == [c for c in CHECKS if c != "wide_code"]
+    table = results_table([bad, good], ignore=("wide_code",))
+    assert "1 (ignored)" in table and "FAIL" in table.splitlines()[2] and "FAIL" not in table.splitlines()[3]
 
 
 # ---------------------------------------------------------------------------- offline, launch buttons
