@@ -181,8 +181,9 @@ class Chromium:
         threading.Thread(target=self._drain_stderr, daemon=True).start()
 
     def _drain_stderr(self) -> None:
-        for line in self.process.stderr:
-            self.stderr_tail = (self.stderr_tail + line.decode(errors="replace"))[-4000:]
+        with self.process.stderr as stream:
+            for line in stream:
+                self.stderr_tail = (self.stderr_tail + line.decode(errors="replace"))[-4000:]
 
     def _read(self) -> None:
         buffer = b""
