@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROFILE ?= cpu
 
-.PHONY: book test bench student screenshot lint clean help
+.PHONY: book test bench student screenshot lint publish clean help
 
 help:
 	@echo "make book        set up .venv, run every notebook for PROFILE=$(PROFILE), build _build/html"
@@ -12,6 +12,7 @@ help:
 	@echo "make bench       run the benchmarks (benchmarks/results/)"
 	@echo "make student     write the student edition of the notebooks (student/)"
 	@echo "make screenshot  check every page of the built book in headless Chromium (_build/screenshots/)"
+	@echo "make publish     push the built book (_build/html) to the gh-pages branch of origin"
 
 # One stamp per extra: reinstall when pyproject.toml changes.
 $(VENV)/.installed-%: pyproject.toml
@@ -36,6 +37,12 @@ student: $(VENV)/.installed-book
 
 screenshot: $(VENV)/.installed-test
 	$(BIN)/python -m referseg.screenshot _build/html
+
+# Jupyter Book 1's convention: the built HTML becomes the gh-pages branch (-n: no Jekyll,
+# -p: push it to origin, -f: force, replacing the previous edition).
+publish: $(VENV)/.installed-book
+	@test -f _build/html/index.html || { echo "error: no built book in _build/html; run make book first" >&2; exit 1; }
+	$(BIN)/ghp-import -n -p -f _build/html
 
 clean:
 	rm -rf _build book/notebooks runs student
