@@ -25,6 +25,8 @@ from referseg.book import (
     PLACEHOLDERS,
     build_book,
     build_html_book,
+    lock_summary,
+    lock_text,
     notebook_sources,
     package_hash,
     parameter_names,
@@ -497,3 +499,30 @@ def test_an_inline_script_added_twice_is_written_once():
     first, again = _JavaScript(None, body="const X = 1", priority=500), _JavaScript("", body="const X = 1", priority=500)
     other = _JavaScript("_static/a.js", priority=500)
     assert unique_scripts([first, other, again, other]) == [first, other]
+
+
+# ---------------------------------------------------------------------------- the lock file
+
+
+def test_lock_pins_everything_but_referseg_and_the_local_torch_build(tmp_path):
+    freeze = ("# Editable Git install with no remote (referseg==0.1.0)\n-e /somewhere/referseg\n"
+              "numpy==2.1.0\ntorch==2.14.1\nnvidia-cublas==13.1.1.3\nJinja2==3.1.4\n"
+              "torchvision==0.29.1+cpu\nreferseg @ file:///somewhere\n")
+    text = lock_text(freeze)
+    pins = [line for line in text.splitlines() if not line.startswith("#")]
+    assert pins == ["Jinja2==3.1.4", "numpy==2.1.0"]
+    assert "# torch==2.14.1  (not pinned)" in text and "# nvidia-cublas==13.1.1.3  (not pinned)" in text
+    lock = tmp_path / "requirements.lock"
+    lock.write_text(text)
+    table = lock_summary(lock)
+    assert list(table.columns) == ["locked", "installed", "agrees"]
+    assert table.loc["torch", "locked"] == "2.14.1 (not pinned)" and table.loc["numpy", "locked"] == "2.1.0"
+    assert "referseg" not in table.index
+    assert lock_summary(tmp_path / "absent.lock").empty
+
+
+def test_the_committed_lock_pins_what_the_book_needs():
+    table = lock_summary(REPO / "requirements.lock")
+    for name in ("jupyter-book", "papermill", "sphinx-mathjax-offline", "ghp-import", "numpy"):
+        assert name in table.index.str.lower(), name
+    assert "(not pinned)" in table.loc["torch", "locked"]
