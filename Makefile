@@ -3,19 +3,25 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PROFILE ?= cpu
+# The versions the book was built with (make lock), used as pip constraints when present.
+LOCK := requirements.lock
 
-.PHONY: book test bench student screenshot lint clean help
+.PHONY: book test bench student screenshot lint lock publish clean help
 
 help:
-	@echo "make book      set up .venv, run every notebook for PROFILE=$(PROFILE), build _build/html"
-	@echo "make test      set up .venv and run the test suite"
-	@echo "make bench     run the benchmarks (benchmarks/results/)"
-	@echo "make student   write the student edition of the notebooks (student/)"
+	@echo "make book        set up .venv, run every notebook for PROFILE=$(PROFILE), build _build/html"
+	@echo "make test        set up .venv and run the test suite"
+	@echo "make bench       run the benchmarks (benchmarks/results/)"
+	@echo "make student     write the student edition of the notebooks (student/)"
+	@echo "make screenshot  check every page of the built book in headless Chromium (_build/screenshots/)"
+	@echo "make lock        write $(LOCK), the exact versions of .venv, used by the targets above"
+	@echo "make publish     push the built book (_build/html) to the gh-pages branch of origin"
 
-# One stamp per extra: reinstall when pyproject.toml changes.
-$(VENV)/.installed-%: pyproject.toml
+# One stamp per extra: reinstall when pyproject.toml or the lock changes. With the lock,
+# every package gets the version the book was built with (torch stays unpinned).
+$(VENV)/.installed-%: pyproject.toml $(wildcard $(LOCK))
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[$*]"
+	$(BIN)/python -m pip install --quiet $(if $(wildcard $(LOCK)),-c $(LOCK)) -e ".[$*]"
 	@touch $@
 
 book: $(VENV)/.installed-book
@@ -35,6 +41,21 @@ student: $(VENV)/.installed-book
 
 screenshot: $(VENV)/.installed-test
 	$(BIN)/python -m referseg.screenshot _build/html
+
+# pip freeze of .venv with both extras, without referseg itself and with torch, torchvision
+# and their CUDA libraries left unpinned; the stamps are refreshed, so nothing reinstalls.
+lock: $(VENV)/.installed-book $(VENV)/.installed-test
+	$(BIN)/python -m pip freeze --exclude-editable \
+	    | $(BIN)/python -c 'import sys; from referseg.book import lock_text; sys.stdout.write(lock_text(sys.stdin.read()))' \
+	    > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	@touch $(VENV)/.installed-book $(VENV)/.installed-test
+
+# Jupyter Book 1's convention: the built HTML becomes the gh-pages branch (-n: no Jekyll,
+# -p: push it to origin, -f: force, replacing the previous edition).
+publish: $(VENV)/.installed-book
+	@test -f _build/html/index.html || { echo "error: no built book in _build/html; run make book first" >&2; exit 1; }
+	$(BIN)/ghp-import -n -p -f _build/html
 
 clean:
 	rm -rf _build book/notebooks runs student

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 import referseg
-from referseg.book import cpu_model, package_version
+from referseg.book import cpu_model, lock_summary, package_version
 from referseg.config import Profile, get_profile
 
 executed_dir = Path("book/notebooks")
@@ -60,6 +60,24 @@ environment = {
                                         "pycocotools", "papermill", "jupyter-book")},
 }
 pd.DataFrame(environment.items(), columns=["item", "value"]).set_index("item")
+
+# %% [markdown]
+# ### The lock
+#
+# `requirements.lock` holds the exact versions the book was built with; `make` installs
+# them when the file is present and `make lock` writes it again. Below, each locked
+# version beside the installed one (torch and torchvision stay unpinned: they come from
+# the machine's own wheels).
+
+# %% tags=["hide-input"]
+lock = lock_summary()
+differ = lock[lock["agrees"] != "yes"]
+print(f"{len(lock) - len(differ)} of {len(lock)} locked packages are installed at their locked version; "
+      f"{len(differ)} differ (listed):")
+differ
+
+# %% tags=["hide-cell"]
+lock
 
 # %% [markdown]
 # ## Profile and seeds

@@ -32,6 +32,17 @@ PARAMETERS = ("profile", "run_dir", "device", "seed", "overrides")
 NOTEBOOK_GLOB = "[0-9][0-9]_*.py"
 EXECUTED_DIR = Path("book") / "notebooks"  # executed notebooks, relative to the root (git-ignored)
 PLACEHOLDERS = {"code": "# Your solution here.\n", "markdown": "*Your answer here.*"}
+LOCK_FILE = "requirements.lock"  # pip constraints: the versions the book was built with (make lock)
+# Left unpinned in the lock (written as comments): the local torch build and what it brings with it.
+UNPINNED = ("torch", "torchvision", "triton")
+UNPINNED_PREFIXES = ("nvidia-", "cuda-")
+LOCK_HEADER = f"""\
+# {LOCK_FILE}: the versions of every package the book was last built and tested with,
+# written by `make lock` (pip freeze of .venv). make installs with it as pip constraints
+# (pip install -c {LOCK_FILE} -e ".[book]"); delete it to take the newest versions.
+# torch, torchvision and the CUDA libraries they bring stay unpinned (commented out), so
+# that the torch build on the machine at hand resolves.
+"""
 
 
 def notebook_sources(root: Path) -> list[Path]:
@@ -75,6 +86,53 @@ def toc_notebooks(root: Path) -> list[str]:
     toc = yaml.safe_load((root / "_toc.yml").read_text())
     prefix = EXECUTED_DIR.as_posix() + "/"
     return [f.removeprefix(prefix).removesuffix(".ipynb") for f in files(toc) if f.startswith(prefix)]
+
+
+def lock_text(freeze: str) -> str:
+    """The lock file for ``pip freeze`` output: exact pins, without the editable referseg, with
+    torch, torchvision and their CUDA libraries as comments (their exact local build would not
+    resolve elsewhere)."""
+    lines = [LOCK_HEADER.rstrip("\n")]
+    for line in sorted(freeze.splitlines(), key=lambda line: line.split("==", 1)[0].strip().lower()):
+        line = line.strip()
+        if not line or line.startswith(("#", "-e", "--")) or "==" not in line:
+            continue  # comments, editable installs, options, direct URLs (referseg itself)
+        name = line.split("==", 1)[0].strip()
+        if name.lower().replace("_", "-") == "referseg":
+            continue
+        unpinned = name.lower() in UNPINNED or name.lower().startswith(UNPINNED_PREFIXES)
+        lines.append(f"# {line}  (not pinned)" if unpinned else line)
+    return "\n".join(lines) + "\n"
+
+
+def lock_summary(path: str | Path | None = None) -> Any:
+    """The lock file as a table (one row per package: the locked version, the installed one and
+    whether they agree), for the appendix. ``path`` defaults to ``requirements.lock`` in the
+    working directory, else in the repository of this package."""
+    from importlib import metadata
+
+    import pandas as pd
+
+    candidates = [Path(path)] if path else [Path.cwd() / LOCK_FILE, ROOT / LOCK_FILE]
+    lock = next((p for p in candidates if p.is_file()), None)
+    columns = ["package", "locked", "installed", "agrees"]
+    if lock is None:
+        return pd.DataFrame([], columns=columns).set_index("package")
+    rows = []
+    for line in lock.read_text().splitlines():
+        text = line.strip()
+        unpinned = text.startswith("#") and text.endswith("(not pinned)")
+        text = text.lstrip("# ").removesuffix("(not pinned)").strip() if unpinned else text
+        if not text or text.startswith("#") or "==" not in text:
+            continue
+        name, version = (part.strip() for part in text.split("==", 1))
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            installed = "not installed"
+        locked = f"{version} (not pinned)" if unpinned else version
+        rows.append((name, locked, installed, "yes" if installed == version else "no"))
+    return pd.DataFrame(rows, columns=columns).set_index("package")
 
 
 def check_sources(root: Path, sources: dict[Path, Any], with_toc: bool) -> None:
@@ -137,11 +195,33 @@ def execute(nb: Any, output: Path, parameters: dict[str, Any], cwd: Path) -> flo
     return time.perf_counter() - start
 
 
-def describe_failure(name: str, output: Path, err: Any, consequence: str = "the book was not built") -> str:
-    """Which notebook and which cell failed, and where the partly executed notebook is."""
+def source_cell(nb: Any, executed_index: int) -> int:
+    """The index, in the source notebook ``nb``, of cell ``executed_index`` of its executed copy:
+    papermill inserts its injected-parameters cell right after the ``parameters`` cell."""
+    tagged = [i for i, cell in enumerate(nb.cells) if "parameters" in cell.get("metadata", {}).get("tags", [])]
+    return executed_index - 1 if tagged and executed_index > tagged[0] else executed_index
+
+
+def describe_failure(name: str, output: Path, err: Any, consequence: str = "the book was not built",
+                     nb: Any = None) -> str:
+    """Which notebook and which cell of its source failed, and where the partly executed notebook is."""
     first_line = next((line.strip() for line in err.source.splitlines() if line.strip()), "")
-    return (f"error: notebook {name} failed in cell {err.cell_index} (In [{err.exec_count}]: {first_line!r})"
+    cell = source_cell(nb, err.cell_index) if nb is not None else err.cell_index
+    return (f"error: notebook {name} failed in cell {cell} of its source (In [{err.exec_count}]: {first_line!r})"
             f"\n  {err.ename}: {err.evalue}\n  the partly executed notebook is {output}; {consequence}")
+
+
+def mark_stale(root: Path, reason: str) -> Path | None:
+    """After a failed run, the previous HTML book no longer matches the code: remove it, and leave
+    ``_build/STALE.txt`` saying why, so nobody reads old outputs as current ones."""
+    html = root / "_build" / "html"
+    if not html.exists():
+        return None
+    shutil.rmtree(html)
+    note = root / "_build" / "STALE.txt"
+    atomic_write_text(note, f"The HTML book was removed because a later build failed: {reason}\n"
+                            "Fix the failure and run make book again.\n")
+    return note
 
 
 def build_book(profile: str = "cpu", overrides: dict[str, Any] | None = None, student: bool = False,
@@ -181,7 +261,10 @@ def build_book(profile: str = "cpu", overrides: dict[str, Any] | None = None, st
         try:
             seconds = execute(nb, output, parameters, cwd=root)
         except PapermillExecutionError as err:
-            print(describe_failure(path.stem, output, err), file=sys.stderr)
+            print(describe_failure(path.stem, output, err, nb=nb), file=sys.stderr)
+            note = mark_stale(root, f"notebook {path.stem} failed")
+            if note:
+                print(f"  the previous HTML book was removed as out of date ({note})", file=sys.stderr)
             return 1
         atomic_write_text(stamp_file, stamp + "\n")
         print(f"{path.stem:<24} {seconds:7.1f} s")
@@ -195,6 +278,7 @@ def build_html_book(root: Path) -> int:
     command = [str(exe) if exe.exists() else (shutil.which("jupyter-book") or "jupyter-book"), "build",
                str(root), "--warningiserror", "--keep-going", "--all"]
     start = time.perf_counter()
+    (root / "_build" / "STALE.txt").unlink(missing_ok=True)
     code = subprocess.run(command, cwd=root).returncode
     print(f"{'jupyter-book build':<24} {time.perf_counter() - start:7.1f} s -> {root / '_build' / 'html'}")
     if code:

@@ -1,5 +1,6 @@
 """The book machinery: parameters cells, validation, papermill runs, skipping, failures,
-the student edition, the Jupyter Book build and its screenshot.
+the student edition, the Jupyter Book build, its offline assets, its launch buttons and the
+checks of every page in headless Chromium.
 
 Every run happens in a temporary copy of the book's files (``build_book(root=...)``), so
 the tests never touch a developer's ``book/notebooks``, ``runs`` or ``_build``.
@@ -11,6 +12,7 @@ import contextlib
 import io
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import nbformat
@@ -22,13 +24,28 @@ from referseg.book import (
     PARAMETERS,
     PLACEHOLDERS,
     build_book,
+    build_html_book,
+    lock_summary,
+    lock_text,
     notebook_sources,
     package_hash,
     parameter_names,
     read_notebook,
     toc_notebooks,
 )
-from referseg.screenshot import check_screenshot, default_page, find_chromium, table_section, table_with
+from referseg.bookext import REPOSITORY_ENV, repository_options, unique_scripts
+from referseg.screenshot import (
+    CHECKS,
+    book_pages,
+    check_book,
+    check_screenshot,
+    default_page,
+    find_chromium,
+    findings_text,
+    results_table,
+    table_section,
+    table_with,
+)
 from referseg.screenshot import main as screenshot_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +106,7 @@ def make_project(dest: Path, notebooks: dict[str, str] | None = None) -> Path:
     (dest / "book").mkdir()
     for path in [*(REPO / "book").glob("*.md"), REPO / "book" / "references.bib"]:
         shutil.copy(path, dest / "book" / path.name)
+    shutil.copytree(REPO / "book" / "_static", dest / "book" / "_static")
     (dest / "notebooks").mkdir()
     if notebooks is None:
         for path in notebook_sources(REPO):
@@ -177,16 +195,24 @@ def test_toc_that_disagrees_with_the_notebooks_is_refused(tmp_path):
 @pytest.mark.slow
 def test_a_failing_notebook_stops_the_run_and_the_book_is_not_built(tmp_path, capsys):
     root = make_project(tmp_path / "project", {"00_fail": FAILING_NOTEBOOK, "01_tiny": TINY_NOTEBOOK})
+    old_book = root / "_build" / "html" / "index.html"  # a book from an earlier, successful build
+    old_book.parent.mkdir(parents=True)
+    old_book.write_text("<html>old</html>")
     code = build_book(profile="smoke", root=root)
     err = capsys.readouterr().err
     assert code == 1
-    assert "notebook 00_fail failed in cell" in err and "deliberate failure for the test" in err
+    source = read_notebook(root / "notebooks" / "00_fail.py")
+    failing = next(i for i, cell in enumerate(source.cells) if "deliberate failure" in cell.source)
+    assert f"notebook 00_fail failed in cell {failing} of its source" in err  # not counting papermill's cell
+    assert "deliberate failure for the test" in err
+    assert not old_book.exists() and "removed as out of date" in err
+    assert "notebook 00_fail failed" in (root / "_build" / "STALE.txt").read_text()
     assert "raise ValueError" in err  # the failing cell's first line
     partial = nbformat.read(root / "book" / "notebooks" / "00_fail.ipynb", as_version=4)
     assert partial.metadata.papermill.exception is True
     assert not (root / "book" / "notebooks" / "00_fail.stamp").exists()
     assert not (root / "book" / "notebooks" / "01_tiny.ipynb").exists(), "ran past the failure"
-    assert not (root / "_build").exists(), "built the book after a failure"
+    assert not (root / "_build" / "html").exists(), "built the book after a failure"
 
 
 def check_skips(root: Path) -> None:
@@ -323,14 +349,188 @@ def test_blank_screenshot_is_reported(tmp_path):
     assert len(problems) == 1 and "looks blank" in problems[0]
 
 
+needs_chromium = pytest.mark.skipif(find_chromium() is None,
+                                    reason="no Chromium installed (apt-get install -y chromium)")
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(find_chromium() is None, reason="no Chromium installed (apt-get install -y chromium)")
+@needs_chromium
 def test_screenshot_of_the_built_book_shows_its_table(built_book):
     root, code, _ = built_book
     assert code == 0
     png = root / "_build" / "screenshots" / "page.png"
-    assert screenshot_main([str(root / "_build" / "html"), "--out", str(png)]) == 0
+    html = root / "_build" / "html"
+    page = default_page(html)
+    assert screenshot_main([str(html), "--page", page.relative_to(html).as_posix(), "--out", str(png),
+                            "--ignore", "wide_code"]) == 0
     assert Image.open(png).size == (1280, 2400)
-    page = default_page(root / "_build" / "html")
     assert check_screenshot(page, png) == []
-    assert not list(page.parent.glob(".screenshot-*")), "left its temporary copy of the page"
+    assert not list(page.parent.glob(".screenshot-*")), "left a temporary copy of the page"
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_every_page_of_the_built_book_passes_the_browser_checks(built_book):
+    root, code, _ = built_book
+    assert code == 0
+    html = root / "_build" / "html"
+    reports = check_book(html)
+    pages = {report.page for report in reports}
+    assert {"book/intro.html", "book/method.html", "book/notebooks/07_evaluation.html", "search.html"} <= pages
+    assert len(pages) == len(book_pages(html))
+    # The notebooks' lines are not all wrapped at 88 characters yet: name the pages with code
+    # wider than its column, without failing on them.
+    wide = [report.page for report in reports if report.wide_code]
+    if wide:
+        warnings.warn(f"code wider than its column at 1280 px on {len(wide)} pages: {', '.join(wide)}",
+                      stacklevel=1)
+    failed = {report.page: report.failed(ignore=("wide_code",)) for report in reports}
+    assert {page: checks for page, checks in failed.items() if checks} == {}, (
+        results_table(reports) + "\n" + findings_text(reports))
+
+
+BAD_PAGE = """<!DOCTYPE html><html><head><title>bad</title>
+<script src="https://cdn.example.com/library.js"></script></head><body>
+<p>Raw $$x^2$$ and \\(y\\) left as text, but <code>$$</code> in code is fine.</p>
+<pre style="width: 200px; overflow: auto">{wide}</pre>
+<img src="missing.png"><img src="ok.png"><img src="../outside.png">
+<script>console.error("deliberate error");</script></body></html>"""
+GOOD_PAGE = """<!DOCTYPE html><html><head><title>good</title></head><body>
+<p>Math as <code>\\(x\\)</code>, only in code.</p><pre>{narrow}</pre><img src="ok.png"></body></html>"""
+
+
+@needs_chromium
+def test_page_checks_find_each_kind_of_problem(tmp_path):
+    html = tmp_path / "html"
+    html.mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(html / "ok.png")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "outside.png")  # loads, but not from html/
+    (html / "bad.html").write_text(BAD_PAGE.format(wide="x" * 200))
+    (html / "good.html").write_text(GOOD_PAGE.format(narrow="x" * 20))
+    (html / "index.html").write_text('<meta http-equiv="Refresh" content="0; url=good.html" />')
+    assert [p.name for p in book_pages(html)] == ["bad.html", "good.html"]  # not the redirect
+    bad, good = check_book(html)
+    assert good.failed() == [], findings_text([good])
+    assert bad.failed() == list(CHECKS), findings_text([bad])
+    assert len(bad.raw_tex) == 1 and "$$x^2$$" in bad.raw_tex[0]
+    assert bad.broken_images == ["missing.png"]
+    assert sorted(bad.outside_requests) == [(tmp_path / "outside.png").as_uri(), "https://cdn.example.com/library.js"]
+    assert any("deliberate error" in error for error in bad.console_errors)
+    assert bad.failed(ignore=("wide_code",)) == [c for c in CHECKS if c != "wide_code"]
+    table = results_table([bad, good], ignore=("wide_code",))
+    assert "1 (ignored)" in table and "FAIL" in table.splitlines()[2] and "FAIL" not in table.splitlines()[3]
+
+
+# ---------------------------------------------------------------------------- offline, launch buttons
+
+LOADS = re.compile(r"""<(?:script|link)\b[^>]*\b(?:src|href)=["']([^"']+)["']""", re.IGNORECASE)
+CDN_IN_HTML = [re.compile(p, re.IGNORECASE) for p in (
+    r"""<script\b[^>]*\bsrc=["']?(?:https?:)?//""",
+    r"""<link\b[^>]*\bhref=["']?(?:https?:)?//""",
+    r"""(?:https?:)?//[^"'\s]*mathjax[^"'\s]*\.js""",  # MathJax from a CDN
+)]
+CDN_IN_CSS = re.compile(r"""@import\s+(?:url\()?["']?(?:https?:)?//|url\(["']?(?:https?:)?//""", re.IGNORECASE)
+CDN_IN_JS = CDN_IN_HTML[-1]  # a script that loads MathJax (or a part of it) from a CDN
+
+
+@pytest.mark.slow
+def test_the_built_book_loads_nothing_from_another_host(built_book):
+    root, code, _ = built_book
+    assert code == 0
+    html = root / "_build" / "html"
+    pages = sorted(html.rglob("*.html"))
+    loaded, problems = set(), []
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        problems += [f"{page.relative_to(html)}: {m.group(0)}" for p in CDN_IN_HTML for m in p.finditer(text)]
+        for target in LOADS.findall(text):
+            if "://" not in target:
+                loaded.add((page.parent / target.split("?")[0].split("#")[0]).resolve())
+    assets = {path for path in loaded if path.suffix in (".css", ".js")}
+    assert any(path.name == "tex-chtml.js" for path in assets), "no page loads the local MathJax"
+    for path in assets:
+        assert path.is_file(), f"a page loads {path}, which is not in the build"
+        pattern = CDN_IN_CSS if path.suffix == ".css" else CDN_IN_JS
+        problems += [f"{path.relative_to(html)}: {m.group(0)}" for m in pattern.finditer(path.read_text("utf-8"))]
+    assert problems == []
+    mathjax = html / "_static" / "mathjax" / "tex-chtml.js"
+    assert mathjax.is_file() and mathjax.stat().st_size > 100_000
+    assert any((html / "_static" / "mathjax" / "output" / "chtml" / "fonts").rglob("*.woff"))
+    method = (html / "book" / "method.html").read_text()
+    assert re.search(r'src="\.\./_static/mathjax/tex-chtml\.js(\?[^"]*)?"', method) and 'class="math' in method
+
+
+def launch_links(html: Path) -> list[str]:
+    return sorted({m for page in html.rglob("*.html") for m in re.findall(
+        r"https://(?:mybinder\.org|colab\.research\.google\.com)[^\"'<>\s]*", page.read_text("utf-8"))})
+
+
+@pytest.mark.slow
+def test_no_launch_buttons_without_a_repository_url(built_book):
+    root, code, _ = built_book
+    assert code == 0
+    assert "url: \"\"" in (REPO / "_config.yml").read_text()  # this test assumes no URL is set
+    html = root / "_build" / "html"
+    assert launch_links(html) == []
+    assert "launch-buttons" not in (html / "book" / "notebooks" / "07_evaluation.html").read_text()
+
+
+@pytest.mark.slow
+def test_launch_buttons_appear_with_a_repository_url_from_the_environment(built_book, tmp_path, monkeypatch):
+    root, code, _ = built_book
+    assert code == 0
+    copy = tmp_path / "project"  # the executed notebooks, built again: no notebook runs
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("_build", "runs"))
+    monkeypatch.setenv(REPOSITORY_ENV, "https://github.com/someone/referseg")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert build_html_book(copy) == 0
+    links = launch_links(copy / "_build" / "html")
+    assert "https://mybinder.org/v2/gh/someone/referseg/main?urlpath=lab/tree/book/notebooks/07_evaluation.ipynb" in links
+    assert ("https://colab.research.google.com/github/someone/referseg/blob/main/book/notebooks/07_evaluation.ipynb"
+            in links)
+
+
+def test_launch_providers_are_dropped_without_a_repository_url():
+    theme = {"repository_url": "", "launch_buttons": {"binderhub_url": "https://mybinder.org",
+                                                      "colab_url": "https://colab.research.google.com",
+                                                      "notebook_interface": "jupyterlab", "thebe": False}}
+    assert repository_options(theme, environ={})["launch_buttons"] == {"notebook_interface": "jupyterlab"}
+    url = "https://github.com/someone/referseg"
+    with_url = repository_options(theme, environ={REPOSITORY_ENV: url})
+    assert with_url["repository_url"] == url and with_url["launch_buttons"] == theme["launch_buttons"]
+    assert repository_options({**theme, "repository_url": url}, environ={})["launch_buttons"]["binderhub_url"]
+
+
+def test_an_inline_script_added_twice_is_written_once():
+    from sphinx.builders.html._assets import _JavaScript
+
+    first, again = _JavaScript(None, body="const X = 1", priority=500), _JavaScript("", body="const X = 1", priority=500)
+    other = _JavaScript("_static/a.js", priority=500)
+    assert unique_scripts([first, other, again, other]) == [first, other]
+
+
+# ---------------------------------------------------------------------------- the lock file
+
+
+def test_lock_pins_everything_but_referseg_and_the_local_torch_build(tmp_path):
+    freeze = ("# Editable Git install with no remote (referseg==0.1.0)\n-e /somewhere/referseg\n"
+              "numpy==2.1.0\ntorch==2.14.1\nnvidia-cublas==13.1.1.3\nJinja2==3.1.4\n"
+              "torchvision==0.29.1+cpu\nreferseg @ file:///somewhere\n")
+    text = lock_text(freeze)
+    pins = [line for line in text.splitlines() if not line.startswith("#")]
+    assert pins == ["Jinja2==3.1.4", "numpy==2.1.0"]
+    assert "# torch==2.14.1  (not pinned)" in text and "# nvidia-cublas==13.1.1.3  (not pinned)" in text
+    lock = tmp_path / "requirements.lock"
+    lock.write_text(text)
+    table = lock_summary(lock)
+    assert list(table.columns) == ["locked", "installed", "agrees"]
+    assert table.loc["torch", "locked"] == "2.14.1 (not pinned)" and table.loc["numpy", "locked"] == "2.1.0"
+    assert "referseg" not in table.index
+    assert lock_summary(tmp_path / "absent.lock").empty
+
+
+def test_the_committed_lock_pins_what_the_book_needs():
+    table = lock_summary(REPO / "requirements.lock")
+    for name in ("jupyter-book", "papermill", "sphinx-mathjax-offline", "ghp-import", "numpy"):
+        assert name in table.index.str.lower(), name
+    assert "(not pinned)" in table.loc["torch", "locked"]
