@@ -196,11 +196,12 @@ def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str,
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
-        found = re.search(r"(?:unsupported|Unsupported) [^\n]*?(?=\.?\n|\.?$)", str(error))
+        found = re.search(r"[Uu]nsupported (?:global|GLOBAL):? (?:GLOBAL )?[\w.]+", str(error))
         raise CheckpointError(
             f"checkpoint {path} was refused: it holds objects other than tensors and plain data, and loading "
             f"them could run code ({found.group(0) if found else 'not a plain-data pickle'}). Load only "
-            "checkpoints written by referseg, or convert official weights with referseg convert-official") from None
+            "checkpoints written by referseg (those of referseg 0.1 held NumPy state: train them again), "
+            "or convert official weights with referseg convert-official") from None
     except Exception as error:  # noqa: BLE001 - any failure to parse a user's file is that file's fault
         reason = str(error).strip().splitlines()[0].split(". ")[0][:160] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint {path} cannot be read: it is truncated or not a referseg checkpoint "

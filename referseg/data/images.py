@@ -39,9 +39,10 @@ def image_size(path: str | Path) -> tuple[int, int]:
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
     try:
-        with warnings.catch_warnings(), Image.open(path) as image:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return image.height, image.width
+            with Image.open(path) as image:
+                return image.height, image.width
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise ImageReadError(f"cannot read image file {path}: {error}") from error
 
@@ -58,13 +59,14 @@ def read_image(path: str | Path, max_side: int | None = None) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
     try:
-        with warnings.catch_warnings(), Image.open(path) as image:
+        with warnings.catch_warnings():
             # Large photos are legitimate here; PIL still refuses the absurd (DecompressionBombError).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if max_side and max(image.size) > max_side:
-                image.draft("RGB", (max_side, max_side))  # JPEG decodes directly at a reduced scale
-            image.load()  # a truncated file fails here (PIL's LOAD_TRUNCATED_IMAGES stays off)
-            array = _to_uint8(image, path)
+            with Image.open(path) as image:
+                if max_side and max(image.size) > max_side:
+                    image.draft("RGB", (max_side, max_side))  # JPEG decodes directly at a reduced scale
+                image.load()  # a truncated file fails here (PIL's LOAD_TRUNCATED_IMAGES stays off)
+                array = _to_uint8(image, path)
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageReadError(f"cannot read image file {path}: {error}. Give a complete PNG or JPEG file") from error
     if max_side and max(array.shape[:2]) > max_side:
