@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -352,3 +353,23 @@ def package_version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+# --- the recipe page ------------------------------------------------------------------------
+
+SPEC_PAGE = Path("book") / "spec.md"
+SPEC_HEADER = """# The recipe (SPEC)
+
+The paper's recipe with the official code's exact numbers, as this study reproduces it. Code \
+comments and chapters cite its sections as "SPEC n"; every hyperparameter of \
+`referseg/config.py` names the section it comes from. This page is generated from the \
+study's `SPEC.md` (`referseg.book.spec_page`); a test keeps the two equal.
+
+"""
+
+
+def spec_page(spec_text: str) -> str:
+    """``book/spec.md`` from ``SPEC.md``: the book's own title, and "SPEC n." section titles."""
+    body = spec_text.split("\n", 1)[1] if spec_text.startswith("# ") else spec_text
+    body = re.sub(r"^## (\d+)\. ", r"## SPEC \1. ", body.lstrip("\n"), flags=re.MULTILINE)
+    return SPEC_HEADER + body

@@ -62,3 +62,16 @@ def test_every_subcommand_has_help(argv):
                          cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "usage: referseg" in out.stdout
+
+
+def test_the_recipe_page_is_generated_from_the_spec():
+    """book/spec.md is SPEC.md with the book's title: never a stale copy."""
+    from referseg.book import spec_page
+
+    spec = ROOT.parent / "shared" / "SPEC.md"
+    if not spec.is_file():
+        pytest.skip(f"{spec} is not beside the checkout")
+    assert (ROOT / "book" / "spec.md").read_text() == spec_page(spec.read_text()), (
+        "book/spec.md differs from SPEC.md: regenerate it with "
+        "python -c \"from pathlib import Path; from referseg.book import spec_page; "
+        "Path('book/spec.md').write_text(spec_page(Path('../shared/SPEC.md').read_text()))\"")
