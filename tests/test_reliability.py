@@ -350,3 +350,16 @@ def test_split_test_follows_the_refer_api(make_refer, tmp_path):
     together = refer.pairs("test")
     assert len(together) == data["pairs"]["test"]
     assert len(refer.pairs("testA")) + len(refer.pairs("testB")) == len(together)
+
+
+def test_baselines_are_reported_over_seeds(smoke_run, tmp_path):
+    from referseg.baselines import seed_spread
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir)
+    table = seed_spread(Run(run_dir, device="cpu", progress=False), seeds=(0, 1, 2), settings=QUICK)
+    assert list(table.columns) == ["seed 0", "seed 1", "seed 2", "mean", "sd"]
+    assert len(table) == 5  # the learned baselines' variants: per-word x2, box retrieval x2, proposals
+    np.testing.assert_allclose(table["mean"], table[["seed 0", "seed 1", "seed 2"]].mean(axis=1))
+    np.testing.assert_allclose(table["sd"], table[["seed 0", "seed 1", "seed 2"]].std(axis=1, ddof=1))
+    assert (run_dir / "eval" / "baseline_seeds_test.csv").is_file()

@@ -133,3 +133,44 @@ def evaluate_all(run_dir: str | Path, split: str = "test", mode: str | None = No
     ours = evaluate_models(run, split, mode)
     summaries.update({m: ours[m] for m in OURS if m in ours})
     return report(run, split, mode, summaries, time.perf_counter() - started, write=True)
+
+
+def seed_spread(run: Run, seeds: tuple[int, ...] = (0, 1, 2), split: str = "test",
+                settings: BaselineSettings | None = None) -> pd.DataFrame:
+    """Overall IoU of every learned baseline's variants over several seeds, and their mean and sd (%).
+
+    Each seed refits the baseline from its own generators (``BaselineSettings.seed``);
+    proposals and features are computed once per split and shared by the seeds. Writes
+    ``<run>/eval/baseline_seeds_<split>.csv`` and returns that table (rows: variants).
+    """
+    import dataclasses
+
+    import pandas as pd
+
+    from referseg.evaluate import evaluate_stream
+    from referseg.io import atomic_open
+    from referseg.metrics import seed_spread as spread
+    from referseg.metrics import summarize
+
+    from referseg.baselines.common import BaselineSettings
+
+    settings = settings or BaselineSettings()
+    data, rows = run.split(split), {}
+    for name in BASELINES:
+        if not baseline_class(name).learns:
+            continue
+        for seed in seeds:
+            baseline = fit_baseline(run, name, dataclasses.replace(settings, seed=seed))
+            counts = evaluate_stream(data, baseline.predict_logits(data), (run.profile.eval_mode,))
+            for variant, label in baseline.variants.items():
+                by_mode = counts[variant][run.profile.eval_mode]
+                iou = summarize(by_mode[:, 0], by_mode[:, 1])["overall_iou"]
+                rows.setdefault(label, {})[f"seed {seed}"] = 100 * iou
+    table = pd.DataFrame(rows).T
+    per_seed = table[[f"seed {s}" for s in seeds]].to_numpy()
+    table["mean"] = [spread(row)[0] for row in per_seed]
+    table["sd"] = [spread(row)[1] for row in per_seed]
+    table.index.name = "method"
+    with atomic_open(run.eval_dir / f"baseline_seeds_{split}.csv") as handle:
+        table.to_csv(handle)
+    return table
