@@ -147,12 +147,11 @@ def seed_spread(run: Run, seeds: tuple[int, ...] = (0, 1, 2), split: str = "test
 
     import pandas as pd
 
+    from referseg.baselines.common import BaselineSettings
     from referseg.evaluate import evaluate_stream
     from referseg.io import atomic_open
     from referseg.metrics import seed_spread as spread
     from referseg.metrics import summarize
-
-    from referseg.baselines.common import BaselineSettings
 
     settings = settings or BaselineSettings()
     data, rows = run.split(split), {}
