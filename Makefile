@@ -6,11 +6,15 @@ PROFILE ?= cpu
 # The versions the book was built with (make lock), used as pip constraints when present.
 LOCK := requirements.lock
 
-.PHONY: book test bench student screenshot lint lock publish clean help
+ABLATION_SEEDS ?= 0 1 2
+
+.PHONY: book test ablations bench student screenshot lint lock publish clean help
 
 help:
 	@echo "make book        set up .venv, run every notebook for PROFILE=$(PROFILE), build _build/html"
 	@echo "make test        set up .venv and run the test suite"
+	@echo "make ablations   the ablation grid at the full schedule over seeds $(ABLATION_SEEDS) (about an hour"
+	@echo "                 on two cores, resumable); writes book/results/ablations_$(PROFILE).json for the book"
 	@echo "make bench       run the benchmarks (benchmarks/results/)"
 	@echo "make student     write the student edition of the notebooks (student/)"
 	@echo "make screenshot  check every page of the built book in headless Chromium (_build/screenshots/)"
@@ -26,6 +30,9 @@ $(VENV)/.installed-%: pyproject.toml $(wildcard $(LOCK))
 
 book: $(VENV)/.installed-book
 	$(BIN)/referseg book --profile $(PROFILE)
+
+ablations: $(VENV)/.installed-book
+	$(BIN)/referseg ablations --profile $(PROFILE) --seeds $(ABLATION_SEEDS)
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest

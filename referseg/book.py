@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import referseg
 from referseg.config import Profile, get_profile
-from referseg.io import atomic_write_text
+from referseg.io import atomic_write_text, package_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMETERS = ("profile", "run_dir", "device", "seed", "overrides")
@@ -168,15 +167,6 @@ def check_data(profile: Profile, root: Path) -> None:
         raise DatasetNotFoundError(
             f"profile {profile.name!r} needs the ReferIt dataset (refclef, split 'berkeley') under {data}, "
             f"but it lacks {', '.join(missing)}; no notebook was run.\n{OBTAIN_HINT}")
-
-
-def package_hash() -> str:
-    """Hash of the package's version and of every ``referseg/**/*.py`` source."""
-    package = Path(referseg.__file__).parent
-    digest = hashlib.sha256(referseg.__version__.encode())
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
 
 
 def fingerprint(source: str, parameters: dict[str, Any], package: str) -> str:

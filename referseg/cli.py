@@ -115,6 +115,32 @@ def cmd_convert_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablations(args: argparse.Namespace) -> int:
+    import time
+
+    from referseg import ablations, viz
+    from referseg.provenance import write_summary
+
+    started = time.time()
+    reference = resolve_profile(args.profile, args.set)
+    grid = ablations.ablation_grid(reference)
+    if args.variants:
+        unknown = sorted(set(args.variants) - {v.name for v in grid})
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; the grid has {', '.join(v.name for v in grid)}")
+        grid = [v for v in grid if v.name in {ablations.REFERENCE, *args.variants}]
+    run_dir = _default_run_dir(args)
+    results = ablations.run_ablations(reference, grid, run_dir, seeds=tuple(args.seeds), device=args.device,
+                                      threads=args.threads)
+    table = viz.comparison_table(run_dir, results, reference)
+    summary = Path(args.summary or f"book/results/ablations_{args.profile}.json")
+    write_summary(summary, {"seeds": list(args.seeds), "results": json.loads(results.to_json(orient="records")),
+                            "table": json.loads(table.reset_index().to_json(orient="records"))}, reference, started)
+    print(table.round(2).to_string())
+    print(f"summary with its provenance: {summary} (commit it: the book shows it)")
+    return 0
+
+
 def cmd_book(args: argparse.Namespace) -> int:
     from referseg.book import build_book
 
@@ -262,6 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--set", action="append", metavar="NAME=VALUE",
                          help="override a paper-profile parameter, e.g. --set data_root=/data/referit")
     convert.set_defaults(func=cmd_convert_official)
+
+    grid = sub.add_parser("ablations", help="train and evaluate the ablation grid at the profile's full schedule "
+                          "over several seeds (resumable), and write its summary for the book")
+    _add_profile_args(grid)
+    grid.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    grid.add_argument("--variants", nargs="+", default=None, help="only these variants (and the reference)")
+    grid.add_argument("--run-dir", default=None, help="run folder (default: runs/<profile>)")
+    grid.add_argument("--summary", default=None, help="summary file (default: book/results/ablations_<profile>.json)")
+    grid.add_argument("--device", default="auto")
+    grid.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: PyTorch's)")
+    grid.set_defaults(func=cmd_ablations)
 
     book = sub.add_parser("book", help="execute the notebooks with papermill, then build the book")
     _add_profile_args(book)

@@ -59,3 +59,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def package_hash() -> str:
+    """Hash of the package's version and of every ``referseg/**/*.py`` source: which code made a result."""
+    import hashlib
+
+    import referseg
+
+    package = Path(referseg.__file__).parent
+    digest = hashlib.sha256(referseg.__version__.encode())
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()

@@ -55,7 +55,8 @@ def test_ci_runs_make_test():
 @pytest.mark.parametrize(
     "argv",
     [[], ["data"], ["data", "synth"], ["data", "stats"], ["train"], ["evaluate"], ["predict"],
-     ["baseline"], ["convert-official"], ["book"]],
+     ["baseline"], ["convert-official"], ["ablations"], ["book"], ["data", "fetch-referit"],
+     ["data", "fetch-referit-text"], ["data", "check"]],
 )
 def test_every_subcommand_has_help(argv):
     out = subprocess.run([sys.executable, "-m", "referseg", *argv, "--help"], capture_output=True, text=True,

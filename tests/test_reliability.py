@@ -363,3 +363,30 @@ def test_baselines_are_reported_over_seeds(smoke_run, tmp_path):
     np.testing.assert_allclose(table["mean"], table[["seed 0", "seed 1", "seed 2"]].mean(axis=1))
     np.testing.assert_allclose(table["sd"], table[["seed 0", "seed 1", "seed 2"]].std(axis=1, ddof=1))
     assert (run_dir / "eval" / "baseline_seeds_test.csv").is_file()
+
+
+def test_ablation_summary_records_its_provenance_and_knows_when_it_is_stale(synth_root, tmp_path, capsys,
+                                                                           monkeypatch):
+    from referseg.provenance import read_summary
+
+    monkeypatch.chdir(tmp_path)
+    summary = tmp_path / "ablations.json"
+    settings = ["--set", f"data_root={synth_root}", "--set", "stage1.iterations=6", "--set", "stage2.iterations=4"]
+    code, out = run_cli(["ablations", "--profile", "smoke", *settings, "--seeds", "0", "1", "--variants", "spatial-0",
+                         "--run-dir", str(tmp_path / "run"), "--summary", str(summary), "--device", "cpu"], capsys)
+    assert code == 0, out
+    profile = get_profile("smoke", data_root=str(synth_root), stage1={"iterations": 6}, stage2={"iterations": 4})
+    saved, stale = read_summary(summary, profile)
+    assert stale == []
+    assert saved["seeds"] == [0, 1] and {row["variant"] for row in saved["table"]} == {"reference", "spatial-0"}
+    origin = saved["provenance"]
+    assert origin["command"] and origin["machine"] and origin["finished_utc"] and origin["seconds"] >= 0
+    assert len(origin["package_hash"]) == 64
+    _, stale = read_summary(summary, profile.replace(spatial_channels=2))
+    assert len(stale) == 1 and "spatial_channels" in stale[0]
+    data = json.loads(summary.read_text())
+    data["provenance"]["package_hash"] = "0" * 64
+    summary.write_text(json.dumps(data))
+    _, stale = read_summary(summary, profile)
+    assert len(stale) == 1 and "other code" in stale[0]
+    assert read_summary(tmp_path / "absent.json", profile) == (None, [])
