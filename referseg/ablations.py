@@ -265,13 +265,14 @@ def time_matched_profile(reference: Profile, variant: Variant, seed: int, run_di
 def run_ablations(reference: Profile, variants: Sequence[Variant], run_dir: str | Path, seeds: Sequence[int] = (0,),
                   stages: Sequence[int] = (1, 2), device: str = "auto", budget_s: float | None = None,
                   resamples: int = 1000, probe_iterations: int = 10, threads: int | None = None,
-                  progress: bool = True) -> pd.DataFrame:
+                  progress: bool = True, only_finished: bool = False) -> pd.DataFrame:
     """Train and evaluate every (variant, seed); one row each, saved as ``ablations/results.csv`` and ``.json``.
 
     Seed by seed, the reference first, then the time-matched variants (they need its time, and
     a tight budget then skips a cheap variant instead); finished runs are reused. With
     ``budget_s``, a run that would probably end past it is skipped and marked so. ``threads``
-    sets PyTorch's CPU threads for the runs (one is often faster on busy cores).
+    sets PyTorch's CPU threads for the runs (one is often faster on busy cores); ``only_finished``
+    trains nothing and reports the runs that have finished.
     """
     import pandas as pd
     import torch
@@ -297,12 +298,12 @@ def run_ablations(reference: Profile, variants: Sequence[Variant], run_dir: str 
         for seed, variant in jobs:
             jobs.set_postfix_str(f"{variant.name} seed {seed}")
             base = {"variant": variant.name, "group": variant.group, "label": variant.label, "seed": seed}
-            late = (budget_s is not None and durations
-                    and time.perf_counter() - started + float(np.mean(durations)) > budget_s)
+            late = only_finished or (budget_s is not None and bool(durations)
+                                     and time.perf_counter() - started + float(np.mean(durations)) > budget_s)
             if "stage2" in variant.overrides and 2 not in stages:
                 rows.append({**base, "status": "skipped: needs stage 2"})
             elif late and not result_file(variant_dir(run_dir, variant.name, seed), max(stages)).is_file():
-                rows.append({**base, "status": f"skipped: budget ({budget_s:.0f} s)"})
+                rows.append({**base, "status": "skipped: not run" if only_finished else f"skipped: budget ({budget_s:.0f} s)"})
             elif variant.time_matched and seed not in reference_seconds:
                 rows.append({**base, "status": "skipped: no reference time for this seed"})
             else:

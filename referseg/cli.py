@@ -131,7 +131,7 @@ def cmd_ablations(args: argparse.Namespace) -> int:
         grid = [v for v in grid if v.name in {ablations.REFERENCE, *args.variants}]
     run_dir = _default_run_dir(args)
     results = ablations.run_ablations(reference, grid, run_dir, seeds=tuple(args.seeds), device=args.device,
-                                      threads=args.threads)
+                                      threads=args.threads, only_finished=args.collect)
     table = viz.comparison_table(run_dir, results, reference)
     summary = Path(args.summary or f"book/results/ablations_{args.profile}.json")
     write_summary(summary, {"seeds": list(args.seeds), "results": json.loads(results.to_json(orient="records")),
@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--summary", default=None, help="summary file (default: book/results/ablations_<profile>.json)")
     grid.add_argument("--device", default="auto")
     grid.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: PyTorch's)")
+    grid.add_argument("--collect", action="store_true",
+                      help="train nothing: summarise the runs that have finished (e.g. while others still run)")
     grid.set_defaults(func=cmd_ablations)
 
     book = sub.add_parser("book", help="execute the notebooks with papermill, then build the book")

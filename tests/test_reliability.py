@@ -390,3 +390,15 @@ def test_ablation_summary_records_its_provenance_and_knows_when_it_is_stale(synt
     _, stale = read_summary(summary, profile)
     assert len(stale) == 1 and "other code" in stale[0]
     assert read_summary(tmp_path / "absent.json", profile) == (None, [])
+    # --collect trains nothing: seed 2 has not run, so its rows say so and the table keeps two seeds.
+    checkpoints = sorted((tmp_path / "run").rglob("checkpoint.pt"))
+    stamps = [p.stat().st_mtime_ns for p in checkpoints]
+    code, out = run_cli(["ablations", "--profile", "smoke", *settings, "--seeds", "0", "1", "2", "--variants",
+                         "spatial-0", "--run-dir", str(tmp_path / "run"), "--summary", str(summary), "--collect",
+                         "--device", "cpu"], capsys)
+    assert code == 0, out
+    assert sorted((tmp_path / "run").rglob("checkpoint.pt")) == checkpoints
+    assert [p.stat().st_mtime_ns for p in checkpoints] == stamps
+    collected = json.loads(summary.read_text())
+    assert {r["status"] for r in collected["results"] if r["seed"] == 2} == {"skipped: not run"}
+    assert {row["seeds"] for row in collected["table"]} == {2}
