@@ -45,7 +45,8 @@ def image_logits(model: torch.nn.Module, image: np.ndarray, expressions: Sequenc
                  profile: Profile, high_res: bool = True) -> np.ndarray:
     """Logits of several expressions on one image: (n, S, S), or (n, g, g) without ``high_res``.
 
-    The image is letterboxed and normalised once (SPEC 3) and goes through the backbone once.
+    The image is letterboxed and normalised once (SPEC 3) and goes through the backbone and
+    fc6-fc8 once.
     """
     device = next(model.parameters()).device
     images = preprocess(image, profile)[None].to(device)
@@ -53,8 +54,9 @@ def image_logits(model: torch.nn.Module, image: np.ndarray, expressions: Sequenc
     was_training = model.training
     model.eval()
     try:
-        features = model.backbone_features(images).expand(len(expressions), -1, -1, -1)
-        logits = model(tokens, features=features, high_res=high_res)
+        visual = model.visual_map(model.backbone_features(images))  # fc6-fc8 once for the image
+        image_index = torch.zeros(len(expressions), dtype=torch.int64, device=device)
+        logits = model(tokens, visual=visual, image_index=image_index, high_res=high_res)
     finally:
         model.train(was_training)
     return logits.float().cpu().numpy()
@@ -66,6 +68,8 @@ def split_logits(models: Mapping[str, torch.nn.Module], data: SplitData, batch_s
                  pairs: Sequence[int] | np.ndarray | None = None, progress: bool = True
                  ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """``(pair index, {method: S x S logits})`` for each model, in batches of pairs of neighbouring images.
+
+    Each batch runs fc6-fc8 once per image and fuses every pair's expression with its image's map.
 
     Backbone features come from ``features[method]`` when given (a trained backbone's,
     see :func:`referseg.features.compute_features`), else from the split's feature cache
@@ -79,14 +83,18 @@ def split_logits(models: Mapping[str, torch.nn.Module], data: SplitData, batch_s
                       leave=False):
         batch = order[start:start + batch_size]
         tokens = data.tokens[batch].to(device)
-        rows = data.pair_image[batch]
+        # The batch's images, once each (pairs of an image are neighbours), and each pair's row among them.
+        rows, image_index = np.unique(data.pair_image[batch], return_inverse=True)
+        image_index = torch.from_numpy(image_index.reshape(-1)).to(device)
         outputs = {}
         for method, model in models.items():
             if features is not None and method in features:
                 inputs = torch.from_numpy(np.asarray(features[method][rows], dtype=np.float32))
             else:
                 inputs = data.image_features(rows)
-            outputs[method] = model(tokens, features=inputs.to(device), high_res=True).float().cpu().numpy()
+            visual = model.visual_map(inputs.to(device))  # fc6-fc8 once per image, not once per pair
+            logits = model(tokens, visual=visual, image_index=image_index, high_res=True)
+            outputs[method] = logits.float().cpu().numpy()
         for row, i in enumerate(batch.tolist()):
             yield i, {method: out[row] for method, out in outputs.items()}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 
 from referseg.config import LITE_MEAN, LITE_STD, get_profile
 from referseg.data.transforms import normalize
+from referseg.model import backbones
 from referseg.model.backbones import (
     Backbone,
     FCHead,
@@ -18,6 +21,7 @@ from referseg.model.backbones import (
     build_fc_head,
     conv_bn,
     efficientnet_lite0_file,
+    lite0_state_dict,
     load_efficientnet_lite0,
     vgg16_imagenet_file,
 )
@@ -222,6 +226,43 @@ def test_lite0_weights_id_tracks_the_file(tmp_path):
     image = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         assert not torch.allclose(shipped(image), changed(image))
+
+
+def test_lite0_weights_are_read_once_and_every_model_gets_its_own_copy(tmp_path, monkeypatch):
+    profile = get_profile("smoke")
+    backbones._LITE0_STATES.clear()
+    reads = []
+    read = backbones._load_state_dict
+    monkeypatch.setattr(backbones, "_load_state_dict", lambda path: reads.append(path) or read(path))
+    draws = []
+    for _ in range(2):  # a cold cache, then a warm one: the same weights and the same random draws
+        torch.manual_seed(0)
+        built = build_backbone(profile)
+        draws.append(torch.rand(4))
+        if len(draws) == 1:
+            first = built
+    assert reads == [efficientnet_lite0_file()]
+    assert torch.equal(draws[0], draws[1])
+    for a, b in zip(first.state_dict().values(), built.state_dict().values(), strict=True):
+        assert torch.equal(a, b) and a.stride() == b.stride()
+    pointers = [t.data_ptr() for m in (first, built) for t in m.state_dict().values() if t.numel()]
+    assert len(set(pointers)) == len(pointers), "two models share a tensor"
+    copies = lite0_state_dict(efficientnet_lite0_file())
+    copies["_fc.bias"].add_(1)  # changing a copy changes nothing else
+    assert not torch.equal(copies["_fc.bias"], lite0_state_dict(efficientnet_lite0_file())["_fc.bias"])
+
+    state = torch.load(efficientnet_lite0_file(), map_location="cpu", weights_only=True)
+    replaced = tmp_path / "lite0.pth"
+    torch.save(state, replaced)
+    before = lite0_state_dict(replaced)["_fc.bias"]
+    state["_fc.bias"] = state["_fc.bias"] + 1
+    torch.save(state, replaced)  # the same file, rewritten: read again
+    os.utime(replaced, ns=(0, replaced.stat().st_mtime_ns + 1))
+    torch.testing.assert_close(lite0_state_dict(replaced)["_fc.bias"], before + 1)
+    del state["_fc.bias"]
+    torch.save(state, tmp_path / "incomplete.pth")
+    with pytest.raises(ValueError, match="missing keys"):
+        build_backbone(profile.replace(backbone_weights=str(tmp_path / "incomplete.pth")))
 
 
 def test_frozen_backbone_stays_in_eval_and_is_deterministic():

@@ -255,6 +255,26 @@ def test_images_and_cached_features_give_the_same_logits(smoke_images):
         model(tokens, images=smoke_images, features=model.backbone_features(smoke_images))
 
 
+def test_visual_map_once_per_image_gives_the_per_pair_logits(smoke_images):
+    model = smoke_model().eval()
+    tokens = tokens_of("red car", "sky", "man on the left", "big car", "sky")
+    image_index = torch.tensor([0, 0, 1, 1, 1])
+    with torch.no_grad():
+        features = model.backbone_features(smoke_images)
+        visual = model.visual_map(features)  # fc6-fc8 of each image, once
+        assert visual.shape == (2, 32, 8, 8)
+        per_pair = model(tokens, features=features[image_index], high_res=True)
+        shared = model(tokens, visual=visual, image_index=image_index, high_res=True)
+        in_order = model(tokens[[0, 2]], visual=visual, high_res=True)  # no image_index: one image each
+    # the same computation; only a convolution's algorithm may differ with the batch size
+    torch.testing.assert_close(shared, per_pair, rtol=0, atol=1e-6)
+    torch.testing.assert_close(in_order, per_pair[[0, 2]], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="exactly one"):
+        model(tokens, features=features, visual=visual)
+    with pytest.raises(ValueError, match="grid is 8x8"):
+        model.visual_map(features[:, :, :4, :4])
+
+
 @pytest.mark.parametrize("n", [2, 0])
 def test_spatial_channel_options_build_and_run(n, smoke_images):
     model = smoke_model(spatial_channels=n).eval()

@@ -14,7 +14,7 @@ from referseg.config import get_profile
 from referseg.data.refer import ReferSegDataset, load_refer
 from referseg.data.synthetic import generate_synthref
 from referseg.features import compute_features
-from referseg.predict import image_logits, predict, predict_split, predict_to_file
+from referseg.predict import image_logits, predict, predict_split, predict_to_file, split_logits
 from referseg.runs import Run, SplitData, load_checkpoint
 from referseg.text import Vocabulary
 from referseg.train import train
@@ -73,6 +73,26 @@ def test_predict_split_matches_single_predictions(trained):
         assert np.array_equal(direct[i], single)
         # float16 cached features may flip a pixel or two at the threshold
         assert np.mean(cached[i] == single) > 0.995
+
+
+def test_split_logits_runs_fc6_to_fc8_once_per_image_of_a_batch(trained):
+    model, _, _ = load_checkpoint(trained["stage2"])
+    data = Run(trained["run"], device="cpu", progress=False).split("test")
+    rows = []
+    hook = model.head.register_forward_hook(lambda module, inputs, output: rows.append(len(output)))
+    try:
+        shared = dict(split_logits({"model": model}, data, batch_size=5, progress=False))
+    finally:
+        hook.remove()
+    order = np.argsort(data.pair_image, kind="stable")
+    batches = [order[start:start + 5] for start in range(0, len(order), 5)]
+    assert rows == [len(np.unique(data.pair_image[batch])) for batch in batches]
+    assert sum(rows) < len(data)  # images with several expressions: fewer maps than pairs
+    with torch.no_grad():  # the per-pair forward of before: each pair's own fc6-fc8
+        for batch in batches[:3]:
+            per_pair = model(data.tokens[batch], features=data.image_features(data.pair_image[batch]), high_res=True)
+            for row, i in enumerate(batch):
+                np.testing.assert_allclose(shared[i]["model"], per_pair[row].numpy(), rtol=0, atol=1e-6)
 
 
 def test_predict_split_uses_the_models_own_backbone_when_the_profile_trains_it(trained, tmp_path):

@@ -17,7 +17,7 @@ import math
 import os
 import pickle
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,12 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
     """load_state_dict(strict=True) with an error that names the file and the mismatching keys."""
+    _check_keys(module, state, path, what)
+    module.load_state_dict(state, strict=True)
+
+
+def _check_keys(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
+    """Raise, naming the file and the mismatching keys, unless ``state`` has exactly ``module``'s keys and shapes."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -140,7 +146,6 @@ def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], path: Pat
             f"{path} does not hold {what} weights: missing keys {missing[:5]}, unexpected keys "
             f"{unexpected[:5]}, wrong shapes {[(k, tuple(state[k].shape)) for k in wrong[:5]]}"
         )
-    module.load_state_dict(state, strict=True)
 
 
 @contextmanager
@@ -641,11 +646,39 @@ def lite0_blocks_for_stride(stride: int) -> int:
     return count
 
 
+# Lite0 state_dicts read in this process: (resolved file, size, mtime) -> tensors in the model's layout.
+_LITE0_STATES: dict[tuple[str, int, int], dict[str, torch.Tensor]] = {}
+
+
+def _lite0_state(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the Lite0 file ``path``, read once per process and version of the file.
+
+    Shared between calls: only ever read or copied from (:func:`lite0_state_dict` copies).
+    """
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _LITE0_STATES:
+        # The shipped file stores most weights transposed; copying them into the model's
+        # channels_last weights is slow (0.25 s a model) unless they already have that layout.
+        _LITE0_STATES[key] = {
+            k: v.clone(memory_format=torch.channels_last if v.ndim == 4 else torch.contiguous_format)
+            for k, v in _load_state_dict(path).items()
+        }
+    return _LITE0_STATES[key]
+
+
+def lite0_state_dict(path: str | Path, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """The EfficientNet-Lite0 state_dict in ``path`` (only ``keys`` when given), read from the file
+    once per process; every call returns its own copies, so no two models share a tensor."""
+    state = _lite0_state(Path(path))
+    return {k: state[k].clone() for k in (state if keys is None else keys)}
+
+
 def load_efficientnet_lite0(path: str | Path | None = None) -> EfficientNetLite0:
     """The complete ImageNet classifier (eval mode), loaded strictly from ``path`` or the PyPI package."""
     path = Path(path) if path is not None else efficientnet_lite0_file()
     model = EfficientNetLite0()
-    _load_strict(model, _load_state_dict(path), path, "EfficientNet-Lite0")
+    _load_strict(model, lite0_state_dict(path), path, "EfficientNet-Lite0")
     return model.eval()
 
 
@@ -658,11 +691,12 @@ def _build_lite0(profile: Profile) -> Backbone:
             body = EfficientNetLite0(blocks=blocks, head=False)
         weights_id = f"efficientnet_lite0:random:{profile.seed}"
     else:
-        full = load_efficientnet_lite0(path)
+        # The file must hold the whole classifier. Both models draw their (overwritten) initial
+        # weights from the global generator, as they always have: a model's layers built after
+        # the backbone depend on those draws.
+        _check_keys(EfficientNetLite0(), _lite0_state(path), path, "EfficientNet-Lite0")
         body = EfficientNetLite0(blocks=blocks, head=False)
-        body.load_state_dict(
-            {k: v for k, v in full.state_dict().items() if k in body.state_dict()}, strict=True
-        )
+        body.load_state_dict(lite0_state_dict(path, body.state_dict().keys()), strict=True)
         weights_id = f"efficientnet_lite0:{source}:{file_fingerprint(path)}"
     weights_id += f":stride{profile.stride}"
     return Backbone(body, "efficientnet_lite0", body.out_channels, profile.stride, weights_id)

@@ -7,7 +7,8 @@
 
 A logit > 0 is foreground (SPEC 1). The backbone's output is a fixed function of the
 image when it is frozen, so the trainer may cache ``backbone_features`` and pass
-``features=`` instead of ``images=``.
+``features=`` instead of ``images=``. fc6-fc8 (``visual_map``) depend on the image alone
+too: inference computes them once per image and passes ``visual=`` and ``image_index=``.
 """
 
 from __future__ import annotations
@@ -111,21 +112,14 @@ class Segmenter(nn.Module):
                 return self.backbone(images)
         return self.backbone(images)
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        images: torch.Tensor | None = None,
-        features: torch.Tensor | None = None,
-        high_res: bool = False,
-    ) -> torch.Tensor:
-        """Logits (B, g, g), or (B, S, S) when ``high_res``; give exactly one of images / features."""
-        if (images is None) == (features is None):
-            raise ValueError("Segmenter.forward needs exactly one of images= or features=")
-        if features is None:
-            features = self.backbone_features(images)
-        visual = self.head(features)  # fc6-fc8: (B, d_im, g, g)
-        text = self.text(tokens)  # h_T: (B, d_text)
-        batch, _, height, width = visual.shape
+    def visual_map(self, features: torch.Tensor) -> torch.Tensor:
+        """fc6-fc8 of backbone features: (n, d_im, g, g), one map per image.
+
+        It depends on the image alone, so an image with several expressions needs it once:
+        pass it to :meth:`forward` as ``visual=`` with ``image_index=`` (each expression's row).
+        """
+        visual = self.head(features)
+        height, width = visual.shape[2:]
         if (height, width) != tuple(self.spatial.shape[1:]):
             grid = self.spatial.shape[1]
             raise ValueError(
@@ -133,6 +127,32 @@ class Segmenter(nn.Module):
                 f"feed {self.profile.input_size}x{self.profile.input_size} images "
                 f"(profile {self.profile.name!r})"
             )
+        return visual
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        images: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+        high_res: bool = False,
+        visual: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, g, g), or (B, S, S) when ``high_res``; give exactly one of images / features / visual.
+
+        ``visual`` is :meth:`visual_map` of some images; ``image_index`` (B,) picks each
+        expression's image among them (default: one image per expression, in order).
+        """
+        if sum(given is not None for given in (images, features, visual)) != 1:
+            raise ValueError("Segmenter.forward needs exactly one of images=, features= or visual=")
+        if visual is None:
+            if features is None:
+                features = self.backbone_features(images)
+            visual = self.visual_map(features)  # fc6-fc8: (B, d_im, g, g)
+        elif image_index is not None:
+            visual = visual[image_index]  # each expression's image: (B, d_im, g, g)
+        text = self.text(tokens)  # h_T: (B, d_text)
+        batch, _, height, width = visual.shape
         if self.profile.l2_normalize:  # SPEC 4: each vector separately, over channels, per position
             text = F.normalize(text, dim=1)
             visual = F.normalize(visual, dim=1)
