@@ -109,8 +109,10 @@ def _positions(extent: int, length: int, overlap: float) -> np.ndarray:
     return np.linspace(0, extent - length, count).round().astype(np.int64)
 
 
-def official_box_features(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(P, 8) float32 ``[x1, y1, x2, y2, xc, yc, w, h]`` of boxes in an ``height x width`` image (SPEC 5).
+def official_box_features(boxes: np.ndarray, height: int | np.ndarray, width: int | np.ndarray) -> np.ndarray:
+    """(P, 8) float32 ``[x1, y1, x2, y2, xc, yc, w, h]`` of boxes in ``height x width`` images (SPEC 5).
+
+    ``height`` and ``width`` are one image's, or (P,) arrays: each box's own image.
 
     The official ``spatial_feature_from_bbox``: the inclusive corners ``x1 = x0``,
     ``x2 = x1_open - 1`` mapped by ``2 x / W - 1`` (``2 y / H - 1``) into [-1, 1], their
