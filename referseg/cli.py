@@ -70,9 +70,14 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    profile = resolve_profile(args.profile, args.set)
+    if args.stage == 0:  # the optional box-retrieval pretraining (SPEC 5)
+        from referseg.pretrain import pretrain
+
+        pretrain(profile, run_dir=_default_run_dir(args), resume=args.resume, device=args.device)
+        return 0
     from referseg.train import train
 
-    profile = resolve_profile(args.profile, args.set)
     train(profile, stage=args.stage, run_dir=_default_run_dir(args), resume=args.resume, device=args.device)
     return 0
 
@@ -240,9 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(func=cmd_data_stats)
     _add_fetch_parsers(data_sub)
 
-    train = sub.add_parser("train", help="train stage 1 (low resolution) or stage 2 (high resolution)")
+    train = sub.add_parser("train", help="train stage 1 (low resolution) or stage 2 (high resolution), or the "
+                           "optional box pretraining, stage 0 (stage 1 starts from it with --set pretrain=true)")
     _add_profile_args(train)
-    train.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    train.add_argument("--stage", type=int, choices=(0, 1, 2), required=True,
+                       help="0: box-retrieval pretraining (optional), 1: low resolution, 2: high resolution")
     train.add_argument("--run-dir", default=None, help="run folder (default: runs/<profile>)")
     train.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
     train.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")

@@ -41,6 +41,13 @@ EVAL_MODES = ("logits", "official")
 INITS = ("pytorch", "official")
 PRECISIONS = ("float32", "bfloat16")
 BATCHINGS = ("reshuffle", "official")
+STAGES = ("stage0", "stage1", "stage2")  # the profile's StageConfig fields (stage 0 is optional, SPEC 5)
+# SPEC 5, stage 0 (the official build_training_batches_det.py): a proposal is a positive when its IoU
+# with the ground-truth box is >= 0.7 (the ground-truth box is one too), a negative when it is < 1e-6;
+# the negatives are subsampled to this many per positive.
+STAGE0_POS_IOU = 0.7
+STAGE0_NEG_IOU = 1e-6
+STAGE0_NEG_PER_POS = 1.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,16 @@ class Profile:
     momentum: float = 0.9  # SPEC 5
     weight_decay: float = 5e-4  # SPEC 5: weights only, not biases nor the embedding
     lowres_labels: str = "or"  # SPEC 5: a cell is positive if ANY pixel of its block is
+    # SPEC 5, stage 0 (optional): the official code's box-retrieval pretraining of the embedding,
+    # LSTM and classifier (exp_train_referit_det.py), VGG frozen, fc6-fc8 included.
+    stage0: StageConfig = field(
+        default_factory=lambda: StageConfig(iterations=25_000, lr=0.01, lr_step=10_000)
+    )  # SPEC 5, stage 0: 25,000 iterations, 0.01 x0.1 every 10,000
+    stage0_batch_size: int = 50  # SPEC 5, stage 0: 50 (expression, box) samples a batch
+    stage0_crop: int = 224  # SPEC 5, stage 0: the box's crop resized to 224 x 224 (no context)
+    # SPEC 5: stage 1 starts from stage 0's embedding, LSTM and classifier (the official
+    # init_referit_seg_lowres_from_det.py); off by default: stage 0 is the code's, not the paper's.
+    pretrain: bool = False
     stage1: StageConfig = field(
         default_factory=lambda: StageConfig(iterations=30_000, lr=0.01, lr_step=10_000)
     )  # SPEC 5, stage 1
@@ -128,7 +145,7 @@ class Profile:
 
     def __post_init__(self) -> None:
         _check_fields(self)
-        for stage in ("stage1", "stage2"):
+        for stage in STAGES:
             if not isinstance(getattr(self, stage), StageConfig):
                 raise ValueError(f"{stage}={getattr(self, stage)!r}: expected the stage's settings "
                                  f"(e.g. --set {stage}.iterations=100)")
@@ -165,7 +182,7 @@ class Profile:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Profile:
         data = dict(data)
-        for stage in ("stage1", "stage2"):
+        for stage in STAGES:
             if isinstance(data.get(stage), dict):
                 data[stage] = StageConfig(**data[stage])
         for key in ("pixel_mean", "pixel_std"):
@@ -329,7 +346,7 @@ def _apply_overrides(profile: Profile, overrides: dict[str, Any]) -> Profile:
     for key, value in overrides.items():
         if key not in valid:
             raise ValueError(f"unknown profile parameter {key!r}; valid parameters: {', '.join(valid)}")
-        if key in ("stage1", "stage2") and isinstance(value, dict):
+        if key in STAGES and isinstance(value, dict):
             stage = getattr(profile, key)
             stage_fields = [f.name for f in dataclasses.fields(StageConfig)]
             bad = set(value) - set(stage_fields)
@@ -372,6 +389,10 @@ CPU = Profile(
     # Same step schedule (x0.1) and SPEC 5 pos/neg weights.
     stage1=StageConfig(iterations=1500, lr=0.1, lr_step=1000),
     stage2=StageConfig(iterations=600, lr=0.1, lr_step=400, neg_weight=1 / 3),
+    # Stage 0 (optional, pretrain=False): crops at 64, a 4 x 4 map for the stride-16 backbone, so
+    # fc6 (3 x 3, unpadded) leaves 2 x 2 cells to average; lr as stage 1's (SPEC 5's x10, see there).
+    stage0=StageConfig(iterations=600, lr=0.1, lr_step=400),
+    stage0_crop=64,
     checkpoint_every=500,
     log_every=25,
 )
@@ -389,6 +410,9 @@ SMOKE = CPU.replace(
     d_cls=16,
     stage1={"iterations": 20, "lr_step": 15, "lr": 0.01},  # SPEC 5 lr: tiny runs only test code paths
     stage2={"iterations": 10, "lr_step": 8, "lr": 0.01},
+    stage0={"iterations": 10, "lr_step": 8, "lr": 0.01},
+    stage0_batch_size=16,
+    stage0_crop=48,  # 3 x 3 cells at stride 16: fc6 (3 x 3) sees the whole crop, as VGG's at 224
     checkpoint_every=10,
     log_every=5,
     eval_batch_size=8,

@@ -106,6 +106,7 @@ class FeatureCache:
         batch_size: int = 16,
         device: str | torch.device = "cpu",
         progress: bool = True,
+        extra_key: dict[str, Any] | None = None,
     ):
         if dtype not in ("float16", "float32"):
             raise ValueError(f"feature cache dtype {dtype!r}: use 'float16' or 'float32'")
@@ -116,7 +117,8 @@ class FeatureCache:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.progress = progress
-        self.key = cache_key(profile, model.backbone, list(dataset.image_ids), dtype)
+        # extra_key: what else the features depend on (stage 0's box crops: head weights, crop size, boxes)
+        self.key = {**cache_key(profile, model.backbone, list(dataset.image_ids), dtype), **(extra_key or {})}
         self.name = f"{getattr(dataset, 'split', 'split')}-{_hash(self.key)}"
         self.path = self.folder / f"{self.name}.npy"
         self.sidecar = self.folder / f"{self.name}.json"

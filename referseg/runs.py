@@ -126,9 +126,9 @@ def guess_profile_name(run_dir: Path) -> str:
     return run_dir.name if run_dir.name in PROFILES else "cpu"
 
 
-def train_hint(run_dir: Path, stage: int = 1) -> str:
-    """The command that trains ``stage`` in ``run_dir``."""
-    return (f"referseg train --profile {guess_profile_name(run_dir)} --stage {stage}"
+def train_hint(run_dir: Path, stage: int = 1, resume: bool = False) -> str:
+    """The command that trains (or, with ``resume``, continues) ``stage`` in ``run_dir``."""
+    return (f"referseg train --profile {guess_profile_name(run_dir)} --stage {stage}" + (" --resume" if resume else "")
             + ("" if run_dir.parent == Path("runs") else f" --run-dir {run_dir}"))
 
 
@@ -208,6 +208,29 @@ def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str,
                               f"({reason}). Use the file the trainer wrote, or train again") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a referseg checkpoint (a dict)")
+    return state
+
+
+def finished_checkpoint(run_dir: Path, profile: Profile, stage: int, needed_by: int) -> dict[str, Any]:
+    """The final checkpoint of ``stage`` in ``run_dir``, which stage ``needed_by`` starts from (SPEC 5).
+
+    Missing, unfinished or made with another profile, it is an error that names the command to run.
+    """
+    path = checkpoint_path(run_dir, stage)
+    why = " (pretrain=true)" if stage == 0 else ""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"stage {needed_by} starts from stage {stage}'s final checkpoint{why}, but {path} does not exist: "
+            f"train stage {stage} first: {train_hint(run_dir, stage)}"
+            + (", or set pretrain=false" if stage == 0 else "")
+        )
+    state = read_checkpoint(path)
+    check_profile(state["profile"], profile, f"stage {stage} checkpoint {path}")
+    if not state.get("finished"):
+        raise ValueError(
+            f"stage {stage} checkpoint {path} is at iteration {state['iteration']} of "
+            f"{getattr(profile, f'stage{stage}').iterations}: finish it first: {train_hint(run_dir, stage, resume=True)}"
+        )
     return state
 
 

@@ -1,14 +1,15 @@
 """The two-stage trainer of SPEC 5, readable top to bottom.
 
 Stage 1 trains the low-resolution model (a g x g logit map against OR-pooled labels);
-stage 2 starts from stage 1's final weights and trains the high-resolution output
-(the deconvolution's S x S map against the letterboxed mask). The pretrained
-convolutions are frozen, so their output is read from the feature cache
-(:mod:`referseg.features`) and a training step is only: gather cached features,
-tokens and labels, forward, loss, SGD step.
+with ``pretrain`` it starts from the embedding, LSTM and classifier of the optional box
+pretraining (stage 0, :mod:`referseg.pretrain`). Stage 2 starts from stage 1's final
+weights and trains the high-resolution output (the deconvolution's S x S map against
+the letterboxed mask). The pretrained convolutions are frozen, so their output is read
+from the feature cache (:mod:`referseg.features`) and a training step is only: gather
+cached features, tokens and labels, forward, loss, SGD step.
 
 Run folder (``runs/<profile>``): ``config.json``, ``vocab.txt``, ``features/``,
-``stage1/{checkpoint.pt,log.jsonl}``, ``stage2/{checkpoint.pt,log.jsonl}``.
+``stage1/{checkpoint.pt,log.jsonl}``, ``stage2/{checkpoint.pt,log.jsonl}`` (and ``stage0/``).
 A checkpoint holds everything needed to continue bit for bit on CPU: weights,
 optimizer, iteration, RNG states, the shuffle order, the profile and the vocabulary.
 """
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from referseg.config import Profile, StageConfig, seeded
 from referseg.losses import weighted_sigmoid_ce
-from referseg.model.segmenter import build_model, param_groups
+from referseg.model.segmenter import Segmenter, build_model, param_groups
 from referseg.runs import (
     CHECKPOINT,
     LOG,
@@ -36,11 +37,11 @@ from referseg.runs import (
     check_profile,
     check_vocab,
     checkpoint_path,
+    finished_checkpoint,
     read_checkpoint,
     remove_stale_temporaries,
     save_checkpoint,
     stage_dir,
-    train_hint,
     truncate_log,
 )
 from referseg.text import Vocabulary
@@ -62,7 +63,8 @@ class TrainingDivergedError(FloatingPointError, ValueError):
 
 def stage_config(profile: Profile, stage: int) -> StageConfig:
     if stage not in (1, 2):
-        raise ValueError(f"stage {stage}: use 1 (low resolution) or 2 (high resolution)")
+        raise ValueError(f"stage {stage}: use 1 (low resolution) or 2 (high resolution); stage 0, the box "
+                         "pretraining, is referseg.pretrain.pretrain (referseg train --stage 0)")
     return profile.stage1 if stage == 1 else profile.stage2
 
 
@@ -131,6 +133,17 @@ def all_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def initial_model(profile: Profile, stage: int, run_dir: Path, vocab_size: int) -> Segmenter:
+    """The model a stage starts from (SPEC 5): stage 1 from the pretrained backbone, and with ``pretrain``
+    from stage 0's embedding, LSTM and classifier; stage 2 from stage 1's final weights."""
+    with seeded(profile.seed):  # the model's own draws: independent of whatever ran before
+        model = build_model(profile, vocab_size)
+    if stage == 2 or profile.pretrain:  # a missing or unfinished previous stage names its command
+        previous = finished_checkpoint(run_dir, profile, stage - 1, needed_by=stage)
+        model.load_state_dict(previous["model"], strict=stage == 2)  # stage 0 saves text.* and classifier.*
+    return model
+
+
 def freeze_backbone(model: torch.nn.Module, profile: Profile) -> None:
     """SPEC 5: the pretrained convolutions are frozen (no gradients, BatchNorm statistics fixed)."""
     if profile.freeze_backbone:
@@ -167,26 +180,8 @@ def train(
     device_, vocab = run.device, run.vocab
     data = run.split(profile.train_split)  # raises when the split is empty
 
-    # the model: stage 1 from the pretrained backbone, stage 2 from stage 1's final weights
-    with seeded(profile.seed):  # the model's own draws: independent of whatever ran before
-        model = build_model(profile, len(vocab))
-    if stage == 2:
-        stage1_path = checkpoint_path(run_dir, 1)
-        if not stage1_path.is_file():
-            raise FileNotFoundError(
-                f"stage 2 starts from stage 1's final checkpoint, but {stage1_path} does not exist: "
-                f"train stage 1 first: {train_hint(run_dir)}"
-            )
-        stage1 = read_checkpoint(stage1_path)
-        check_profile(stage1["profile"], profile, f"stage 1 checkpoint {stage1_path}")
-        if not stage1.get("finished"):
-            raise ValueError(
-                f"stage 1 checkpoint {stage1_path} is at iteration {stage1['iteration']} of "
-                f"{profile.stage1.iterations}: finish it first: referseg train --profile {profile.name} "
-                "--stage 1 --resume"
-            )
-        model.load_state_dict(stage1["model"])
-    model.to(device_)
+    # the model: stage 1 from the pretrained backbone (and stage 0), stage 2 from stage 1
+    model = initial_model(profile, stage, run_dir, len(vocab)).to(device_)
     freeze_backbone(model, profile)
     use_cache = profile.freeze_backbone and profile.cache_features
     optimizer = torch.optim.SGD(

@@ -10,16 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from referseg.baselines.proposals import (
-    box_coverage,
-    box_iou,
-    box_masks,
-    grabcut,
-    mask_boxes,
-    sliding_boxes,
-    unique_boxes,
-)
+from referseg.baselines.proposals import box_coverage, box_masks, grabcut
 from referseg.baselines.scoring import Candidates, ProposalBaseline, logits_of
+from referseg.data.boxes import box_iou, mask_boxes, sliding_boxes, unique_boxes
 from referseg.runs import SplitData
 
 

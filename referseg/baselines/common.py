@@ -16,6 +16,7 @@ import torch
 
 from referseg.baselines.proposals import single_thread
 from referseg.config import Profile, component_seed
+from referseg.data.boxes import BOX_ASPECTS, BOX_SCALES
 from referseg.data.transforms import prediction_mask
 from referseg.runs import SplitData, resolve_device
 from referseg.text import Vocabulary
@@ -30,8 +31,8 @@ class BaselineSettings:
     felzenszwalb_sigma: float = 0.5  # pre-smoothing
     felzenszwalb_min_size: int = 20  # smallest segment, in pixels at R
     max_segments: int = 160  # segment proposals kept per image (segments and their merges)
-    box_scales: tuple[float, ...] = (0.3, 0.5, 0.75, 1.0)  # sliding box side / sqrt(image area)
-    box_aspects: tuple[float, ...] = (0.5, 1.0, 2.0)  # sliding box width / height
+    box_scales: tuple[float, ...] = BOX_SCALES  # sliding box side / sqrt(image area)
+    box_aspects: tuple[float, ...] = BOX_ASPECTS  # sliding box width / height
     grabcut_iterations: int = 1  # as good as 2-3 on SynthRef val (mean IoU 0.80 from true boxes), faster
     hidden: int = 64  # width of the scoring model and of the per-word FCN head
     text_dim: int = 64  # word embedding and LSTM width of the scoring model's expression encoder

@@ -8,7 +8,9 @@ image with the same ``prediction_mask`` the model's logits use.
 Segment proposals stand in for the paper's MCG: Felzenszwalb's graph segmentation
 (scikit-image) and a greedy hierarchy of merges of adjacent segments by colour and size
 (as in selective search). Box proposals stand in for EdgeBox: sliding boxes at several
-scales and aspect ratios plus the bounding boxes of the segment proposals.
+scales and aspect ratios plus the bounding boxes of the segment proposals. The box geometry
+(``Content``, ``sliding_boxes``, ``mask_boxes``, ``box_iou``) lives in
+:mod:`referseg.data.boxes`, since the box pretraining (stage 0) uses it too.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from referseg.data.transforms import Letterbox
+from referseg.data.boxes import (  # noqa: F401 - box_iou, mask_boxes, sliding_boxes, unique_boxes re-exported
+    Content,
+    box_iou,
+    mask_boxes,
+    sliding_boxes,
+    unique_boxes,
+)
 
 GEOMETRY_FEATURES = 9  # x0, y0, x1, y1, xc, yc, w, h (in [-1, 1] over the image), area fraction
 
@@ -48,27 +56,6 @@ def dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float32) @ np.asarray(b, dtype=np.float32)
 
 
-@dataclass(frozen=True)
-class Content:
-    """Where the image lies in the ``size x size`` letterbox: rows top..top+height, cols left..left+width."""
-
-    top: int
-    left: int
-    height: int
-    width: int
-    size: int
-
-    @classmethod
-    def of(cls, height: int, width: int, size: int) -> Content:
-        box = Letterbox(height, width, size)
-        (top, left), (rh, rw) = box.pad, box.resized
-        return cls(top, left, rh, rw, size)
-
-    @property
-    def slices(self) -> tuple[slice, slice]:
-        return slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
-
-
 def box_masks(boxes: np.ndarray, size: int) -> np.ndarray:
     """(P, size, size) masks of integer boxes ``[x0, y0, x1, y1)``, vectorised."""
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
@@ -78,33 +65,6 @@ def box_masks(boxes: np.ndarray, size: int) -> np.ndarray:
     return inside_y[:, :, None] & inside_x[:, None, :]
 
 
-def mask_boxes(masks: np.ndarray) -> np.ndarray:
-    """Tight integer boxes ``[x0, y0, x1, y1)`` of (P, H, W) masks; an empty mask gets (0, 0, 0, 0)."""
-    masks = np.asarray(masks, dtype=bool)
-    rows, cols = masks.any(axis=2), masks.any(axis=1)  # (P, H), (P, W)
-    boxes = np.zeros((len(masks), 4), dtype=np.int64)
-    has = rows.any(axis=1)
-    height, width = masks.shape[1:]
-    boxes[:, 0] = np.argmax(cols, axis=1)
-    boxes[:, 1] = np.argmax(rows, axis=1)
-    boxes[:, 2] = width - np.argmax(cols[:, ::-1], axis=1)
-    boxes[:, 3] = height - np.argmax(rows[:, ::-1], axis=1)
-    boxes[~has] = 0
-    return boxes
-
-
-def box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """IoU of each of (P, 4) boxes with one box, all ``[x0, y0, x1, y1)``."""
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    box = np.asarray(box, dtype=np.float64)
-    iw = np.clip(np.minimum(boxes[:, 2], box[2]) - np.maximum(boxes[:, 0], box[0]), 0, None)
-    ih = np.clip(np.minimum(boxes[:, 3], box[3]) - np.maximum(boxes[:, 1], box[1]), 0, None)
-    inter = iw * ih
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = area + (box[2] - box[0]) * (box[3] - box[1]) - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
 def mask_iou(masks: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """IoU of each of (P, H, W) masks with one (H, W) mask (matrix products, no pixel loops)."""
     flat = np.asarray(masks, dtype=np.float32).reshape(len(masks), -1)
@@ -112,43 +72,6 @@ def mask_iou(masks: np.ndarray, mask: np.ndarray) -> np.ndarray:
     inter = dot(flat, target)
     union = flat.sum(axis=1) + target.sum() - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
-def sliding_boxes(content: Content, scales: tuple[float, ...], aspects: tuple[float, ...],
-                  overlap: float = 0.5) -> np.ndarray:
-    """Boxes tiling the image at each scale (side = scale * sqrt(image area)) and aspect (w / h),
-    and the whole image."""
-    boxes = [(content.left, content.top, content.left + content.width, content.top + content.height)]
-    side = np.sqrt(content.height * content.width)
-    for scale in scales:
-        for aspect in aspects:
-            bw = int(round(min(content.width, side * scale * np.sqrt(aspect))))
-            bh = int(round(min(content.height, side * scale / np.sqrt(aspect))))
-            if bw < 2 or bh < 2:
-                continue
-            xs = _positions(content.width, bw, overlap)
-            ys = _positions(content.height, bh, overlap)
-            for y in ys:
-                for x in xs:
-                    boxes.append((content.left + x, content.top + y, content.left + x + bw, content.top + y + bh))
-    return unique_boxes(np.asarray(boxes, dtype=np.int64).reshape(-1, 4))
-
-
-def unique_boxes(boxes: np.ndarray) -> np.ndarray:
-    """Distinct integer boxes, sorted (one 1-D unique on packed codes, not a row-wise unique)."""
-    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
-    if len(boxes) == 0:
-        return boxes
-    base = int(boxes.max()) + 1
-    codes = ((boxes[:, 0] * base + boxes[:, 1]) * base + boxes[:, 2]) * base + boxes[:, 3]
-    _, first = np.unique(codes, return_index=True)
-    return boxes[first]
-
-
-def _positions(extent: int, length: int, overlap: float) -> np.ndarray:
-    step = max(1, int(round(length * (1 - overlap))))
-    count = max(1, int(np.ceil((extent - length) / step)) + 1)
-    return np.linspace(0, extent - length, count).round().astype(np.int64)
 
 
 @dataclass(frozen=True)

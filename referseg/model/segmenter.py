@@ -152,17 +152,24 @@ class Segmenter(nn.Module):
         elif image_index is not None:
             visual = visual[image_index]  # each expression's image: (B, d_im, g, g)
         text = self.text(tokens)  # h_T: (B, d_text)
+        logits = self.classify(text, visual, self.spatial)  # (B, 1, g, g)
+        if high_res:
+            logits = self.upsample(logits)  # (B, 1, S, S)
+        return logits[:, 0]
+
+    def classify(self, text: torch.Tensor, visual: torch.Tensor, spatial: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, h, w) of the fused ``[L2(text) tiled, L2(visual), spatial]`` (SPEC 4).
+
+        ``text`` is (B, d_text), ``visual`` (B, d_im, h, w), ``spatial`` (n, h, w) or (B, n, h, w).
+        Stage 0 (SPEC 5) calls it on 1 x 1 maps, one per box, so the box classifier is this one.
+        """
         batch, _, height, width = visual.shape
         if self.profile.l2_normalize:  # SPEC 4: each vector separately, over channels, per position
             text = F.normalize(text, dim=1)
             visual = F.normalize(visual, dim=1)
         text_map = text[:, :, None, None].expand(-1, -1, height, width)  # tile over the grid
-        spatial = self.spatial.expand(batch, -1, -1, -1)  # not normalised (SPEC 4)
-        fused = torch.cat([text_map, visual, spatial], dim=1)
-        logits = self.classifier(fused)  # (B, 1, g, g)
-        if high_res:
-            logits = self.upsample(logits)  # (B, 1, S, S)
-        return logits[:, 0]
+        spatial = spatial.expand(batch, -1, height, width)  # not normalised (SPEC 4)
+        return self.classifier(torch.cat([text_map, visual, spatial], dim=1))
 
 
 def build_model(profile: Profile, vocab_size: int) -> Segmenter:
