@@ -419,3 +419,26 @@ def plot_group(table: pd.DataFrame, variants: Sequence[str], subsets: Sequence[s
         axes[0].figure.suptitle(title)
     axes[0].figure.tight_layout()
     return axes
+
+
+def kept_grid(summary_file: str | Path, reference: Profile) -> tuple[pd.DataFrame | None, str]:
+    """The full ablation grid kept in the repository (``make ablations``), as the chapter's table, and a
+    note saying who made it and, loudly, why it is stale when it is (other code or profile)."""
+    import pandas as pd
+
+    from referseg.provenance import read_summary
+
+    summary, stale = read_summary(summary_file, reference)
+    if summary is None:
+        return None, (f"No full grid is kept in {summary_file}: `make ablations` makes it (about an hour on two "
+                      "cores). The tables below are the quick grid of this build.")
+    origin = summary["provenance"]
+    table = pd.DataFrame(summary["table"]).set_index("variant")
+    seeds = sorted({int(n) for n in table["seeds"]})
+    note = (f"Full grid: the profile's whole schedule, seeds {summary['seeds']} "
+            f"({'/'.join(map(str, seeds))} finished per variant), made by `{origin['command']}` at commit "
+            f"{origin['commit']} on {origin['machine']}, finished {origin['finished_utc']} UTC after "
+            f"{origin['seconds'] / 60:.0f} minutes.")
+    if stale:
+        note = "**STALE:** " + "; ".join(stale) + ". Read these numbers as those of that commit. " + note
+    return table, note

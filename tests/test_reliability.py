@@ -402,3 +402,9 @@ def test_ablation_summary_records_its_provenance_and_knows_when_it_is_stale(synt
     collected = json.loads(summary.read_text())
     assert {r["status"] for r in collected["results"] if r["seed"] == 2} == {"skipped: not run"}
     assert {row["seeds"] for row in collected["table"]} == {2}
+    from referseg.viz import kept_grid
+
+    table, note = kept_grid(summary, profile)
+    assert set(table.index) == {"reference", "spatial-0"} and note.startswith("Full grid") and "STALE" not in note
+    table, note = kept_grid(summary, profile.replace(spatial_channels=2))
+    assert note.startswith("**STALE:**") and "spatial_channels" in note
