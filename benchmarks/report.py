@@ -137,6 +137,31 @@ def summary_rows(results: dict[str, Any]) -> list[str]:
                      f"(the {evaluation['referit_test_pairs']:,} test pairs in {seconds(evaluation['referit_test_s'])})",
                      "", "", ""))
 
+    forward = results.get("evaluation_forward")
+    problem = _failed(forward)
+    rows.append(_line(f"evaluation forward, `{forward['profile'] if not problem else 'cpu'}`",
+                     "" if problem else f"cached features to {forward['pairs']} S x S logits, "
+                     f"{forward['pairs_per_image']} expressions per image, batch {forward['batch_size']}, "
+                     f"{forward['threads']} threads",
+                     problem or f"{seconds(forward['per_pair_s'])} per pair with fc6-fc8 once per pair, "
+                     f"{seconds(forward['per_image_s'])} once per image: **{forward['speedup']:.1f}x** (logits "
+                     + ("identical)" if forward["identical"] else f"within {forward['max_difference']:.1e})"),
+                     "", "", ""))
+    build = results.get("backbone_build")
+    problem = _failed(build)
+    rows.append(_line(f"backbone build, `{build['profile'] if not problem else 'cpu'}`",
+                     "" if problem else f"`build_backbone`, {build['backbone']} with its "
+                     f"ImageNet weights, {build['threads']} threads",
+                     problem or f"{seconds(build['first_s'])} the first time in a process (reads the weights "
+                     f"file), {seconds(build['later_s'])} after", "", "", ""))
+    synthref = results.get("synthref")
+    problem = _failed(synthref)
+    rows.append(_line("SynthRef generation", "" if problem else f"{synthref['images']} images and their "
+                     "annotations, PNG encoding included",
+                     problem or f"{synthref['images_per_s']:.1f} images/s ({seconds(synthref['cpu_s'])} of CPU "
+                     f"time); the `cpu` profile's {synthref['cpu_profile_images']} in "
+                     f"{seconds(synthref['cpu_profile_s'])}", "", "", ""))
+
     features = results.get("feature_cache")
     problem = _failed(features)
     if problem:

@@ -46,11 +46,13 @@ def sizes(quick: bool, paper_steps: int) -> dict[str, Any]:
     if quick:
         return {"synth_images": 12, "paper_steps": 1, "paper_warmup_batch": 1, "cpu_steps": 1, "cache_steps": 3,
                 "cache_skip": 1, "paper_repeats": 1, "cpu_repeats": 1, "eval_samples": 10, "cache_images": 2,
-                "config_size": None, "gpu_samples": 20, "gpu_steps": 2, "peak_sizes": (256, 512), "peak_repeats": 2}
+                "config_size": None, "gpu_samples": 20, "gpu_steps": 2, "peak_sizes": (256, 512), "peak_repeats": 2,
+                "forward_images": 2, "forward_repeats": 1, "build_repeats": 1, "synth_generated": 3}
     return {"synth_images": 40, "paper_steps": paper_steps, "paper_warmup_batch": 1, "cpu_steps": 3,
             "cache_steps": 8, "cache_skip": 2, "paper_repeats": 2, "cpu_repeats": 3, "eval_samples": 300,
             "cache_images": 3, "config_size": 256, "gpu_samples": 200, "gpu_steps": 20,
-            "peak_sizes": (2048, 3072), "peak_repeats": 5}
+            "peak_sizes": (2048, 3072), "peak_repeats": 5, "forward_images": 12, "forward_repeats": 5,
+            "build_repeats": 3, "synth_generated": 60}
 
 
 def configuration_speed(entry: dict[str, Any]) -> float:
@@ -129,6 +131,13 @@ def run_benchmarks(args: argparse.Namespace) -> dict[str, Any]:
     }
     results["evaluation"] = measure("evaluation throughput", suite.evaluation_throughput, size["eval_samples"],
                                     input_size=paper.input_size, mode=paper.eval_mode)
+    results["evaluation_forward"] = measure("evaluation forward, cpu", suite.evaluation_forward, cpu,
+                                            len(cpu_vocab), images=size["forward_images"],
+                                            repeats=size["forward_repeats"])
+    results["backbone_build"] = measure("backbone build, cpu", suite.backbone_build, cpu,
+                                        repeats=size["build_repeats"])
+    results["synthref"] = measure("SynthRef generation", suite.synthref_generation, scratch / "synthref",
+                                  size["synth_generated"])
     paper_dataset = ReferSegDataset(load_refer(paper_on_synth), paper_on_synth.train_split, cpu_vocab,
                                     paper_on_synth)
     results["feature_cache"] = measure("feature cache at paper scale", suite.feature_cache_paper_scale,

@@ -357,6 +357,81 @@ def evaluation_throughput(samples: int = 200, input_size: int = 512, mode: str =
             "referit_test_s": REFERIT_TEST_PAIRS * total / samples}
 
 
+def evaluation_forward(profile: Profile, vocab_size: int, images: int = 16, pairs_per_image: int = 8,
+                       repeats: int = 3) -> dict[str, Any]:
+    """Seconds per pair of the evaluation's forward pass (cached features in, S x S logits out), with
+    fc6-fc8 once per pair (the trainer's forward) and once per image (``split_logits``), alternating.
+
+    Pairs come in ``profile.eval_batch_size`` batches of neighbouring images, as in ``split_logits``;
+    SynthRef's test split has about 8 expressions per image. Also reports how far the logits differ.
+    """
+    torch.manual_seed(profile.seed)
+    model = build_model(profile.replace(backbone_weights=None), vocab_size).eval()
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(images, model.backbone.out_channels, profile.grid, profile.grid, generator=generator)
+    pair_image = np.repeat(np.arange(images), pairs_per_image)
+    tokens = torch.randint(0, vocab_size, (len(pair_image), profile.seq_len), generator=generator)
+    batches = [np.arange(start, min(start + profile.eval_batch_size, len(pair_image)))
+               for start in range(0, len(pair_image), profile.eval_batch_size)]
+
+    def per_pair() -> list[torch.Tensor]:
+        return [model(tokens[batch], features=features[pair_image[batch]], high_res=True) for batch in batches]
+
+    def per_image() -> list[torch.Tensor]:
+        outputs = []
+        for batch in batches:
+            rows, index = np.unique(pair_image[batch], return_inverse=True)
+            visual = model.visual_map(features[rows])
+            outputs.append(model(tokens[batch], visual=visual, image_index=torch.from_numpy(index), high_res=True))
+        return outputs
+
+    times: dict[str, list[float]] = {"per pair": [], "per image": []}
+    with torch.no_grad():
+        reference, shared = per_pair(), per_image()  # warm-up, and the two results compared
+        for _ in range(repeats):
+            for label, forward in (("per pair", per_pair), ("per image", per_image)):
+                start = time.perf_counter()
+                forward()
+                times[label].append((time.perf_counter() - start) / len(pair_image))
+    difference = max(float((a - b).abs().max()) for a, b in zip(reference, shared, strict=True))
+    per_pair_s, per_image_s = _median(times["per pair"]), _median(times["per image"])
+    return {"profile": profile.name, "images": images, "pairs": len(pair_image), "pairs_per_image": pairs_per_image,
+            "batch_size": profile.eval_batch_size, "threads": torch.get_num_threads(), "repeats": repeats,
+            "per_pair_s": per_pair_s, "per_image_s": per_image_s, "speedup": per_pair_s / per_image_s,
+            "identical": all(torch.equal(a, b) for a, b in zip(reference, shared, strict=True)),
+            "max_difference": difference}
+
+
+def backbone_build(profile: Profile, repeats: int = 3) -> dict[str, Any]:
+    """Seconds of ``build_backbone``: the first call in a process reads the weights file, later ones do not."""
+    from referseg.model import backbones
+
+    backbones._LITE0_STATES.clear()  # as in a fresh process
+    with Stopwatch() as first:
+        build_backbone(profile)
+    later = []
+    for _ in range(repeats):
+        with Stopwatch() as watch:
+            build_backbone(profile)
+        later.append(watch.wall)
+    return {"profile": profile.name, "backbone": profile.backbone, "threads": torch.get_num_threads(),
+            "first_s": first.wall, "later_s": _median(later), "repeats": repeats}
+
+
+def synthref_generation(folder: Path, images: int, seed: int = 0) -> dict[str, Any]:
+    """Seconds (wall clock and CPU) to generate a SynthRef of ``images`` images, PNG files included."""
+    import shutil
+
+    from referseg.data.synthetic import generate_synthref
+
+    shutil.rmtree(folder, ignore_errors=True)
+    with Stopwatch() as watch:
+        generate_synthref(folder, seed=seed, images=images, progress=False)
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"images": images, "seed": seed, "seconds": watch.wall, "cpu_s": watch.cpu,
+            "images_per_s": images / watch.wall, "cpu_profile_images": 600, "cpu_profile_s": 600 * watch.wall / images}
+
+
 # --------------------------------------------------------------------------- the cpu book
 
 

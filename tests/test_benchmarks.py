@@ -44,7 +44,7 @@ def test_quick_run_succeeds_and_writes_json_and_markdown(quick):
     assert results["machine"]["cpu"] and results["machine"]["torch"] == torch.__version__
     assert len(results["load_average"]["start"]) == 3 and len(results["load_average"]["end"]) == 3
     for key in ("peak", "backbone_configurations", "training_step", "stage1_cache", "inference", "evaluation",
-                "feature_cache", "gpu", "notebooks"):
+                "evaluation_forward", "backbone_build", "synthref", "feature_cache", "gpu", "notebooks"):
         assert key in results and "error" not in results[key], key
     stamped = [p.name for p in quick["out"].glob("bench-*.json")]
     assert len(stamped) == 1 and (quick["out"] / stamped[0].replace(".json", ".md")).is_file()
@@ -56,7 +56,8 @@ def test_markdown_names_the_machine_and_every_benchmark(quick):
     assert quick["results"]["machine"]["cpu"] in page and str(quick["results"]["load_average"]["start"]) in page
     for label in ("matmul peak", "training step, `paper`", "training step, `cpu`", "speed-up of the cache",
                   "peak memory of training", "inference latency, `paper`", "inference latency, `cpu`",
-                  "evaluation throughput", "feature cache at paper scale", "GPU training", "notebooks"):
+                  "evaluation throughput", "evaluation forward", "backbone build", "SynthRef generation",
+                  "feature cache at paper scale", "GPU training", "notebooks"):
         assert label in page, label
     if not torch.cuda.is_available():
         assert "not measured (no GPU)" in page
@@ -137,6 +138,19 @@ def test_inference_and_evaluation_report_their_sizes(quick):
     evaluation = results["evaluation"]
     assert evaluation["samples"] == results["sizes"]["eval_samples"]
     assert evaluation["referit_test_s"] == pytest.approx(evaluation["referit_test_pairs"] / evaluation["samples_per_s"])
+
+
+def test_forward_build_and_generation_report_what_they_measured(quick):
+    results = quick["results"]
+    forward = results["evaluation_forward"]
+    assert forward["pairs"] == forward["images"] * forward["pairs_per_image"] == 2 * 8
+    assert forward["speedup"] == pytest.approx(forward["per_pair_s"] / forward["per_image_s"])
+    assert forward["max_difference"] < 1e-5 and (forward["max_difference"] == 0) == forward["identical"]
+    build = results["backbone_build"]
+    assert build["backbone"] == "efficientnet_lite0" and build["first_s"] > 0 and build["later_s"] > 0
+    synthref = results["synthref"]
+    assert synthref["images"] == results["sizes"]["synth_generated"]
+    assert synthref["cpu_profile_s"] == pytest.approx(600 / synthref["images_per_s"])
 
 
 def test_referit_facts_come_from_the_official_files(official_referit):
