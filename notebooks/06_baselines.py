@@ -14,39 +14,56 @@
 # # Baselines
 #
 # > *"We compare our method to the following baselines: [...] using the bounding box
-# > returned by a natural language object retrieval model [...] as foreground; [...] GrabCut
-# > on that box; [...] a per-word segmentation model [...]; classification over segmentation
-# > proposals [...]; and the whole image as foreground."*
-# > (paraphrasing {cite:t}`hu2016segmentation`, Section 4.1)
+# > returned by a natural language object retrieval model [...] as foreground; [...]
+# > GrabCut on that box; [...] a per-word segmentation model [...]; classification over
+# > segmentation proposals [...]; and the whole image as foreground."* (paraphrasing
+# > {cite:t}`hu2016segmentation`, Section 4.1)
 #
-# The paper measures its model against methods that segment without reading the expression
-# as a whole, or that only retrieve a box. SPEC §7 describes them; the package implements
-# each with the model's interface (`fit` on the training split, logits or masks for a test
-# split), on the same frozen features the model uses:
+# The paper measures its model against methods that segment without reading the
+# expression as a whole, or that only retrieve a box. SPEC §7 describes them; the
+# package implements each with the model's interface (`fit` on the training split,
+# logits or masks for a test split), on the same frozen features the model uses:
 #
-# | baseline (SPEC §7) | here | the paper used |
-# |---|---|---|
-# | whole image | every pixel is foreground | the same |
-# | box retrieval, box as mask / GrabCut of the box | an SCRC-style scorer {cite}`hu2016natural` picks a box among sliding boxes and segment boxes; the box, or GrabCut {cite}`rother2004grabcut` initialised with it | SCRC on EdgeBox proposals {cite}`zitnick2014edge` |
-# | per-word segmentation | one map per vocabulary word from one FCN head; an expression's map is the mean (or the intersection) of its words' maps | a segmentation model per word |
-# | classification over segmentation proposals | the scorer picks one of the Felzenszwalb segments and their merges | MCG proposals {cite}`arbelaez2014multiscale` |
+# ```{list-table}
+# :header-rows: 1
+# :widths: auto
+#
+# * - baseline (SPEC §7)
+#   - here
+#   - the paper used
+# * - whole image
+#   - every pixel is foreground
+#   - the same
+# * - box retrieval, box as mask / GrabCut of the box
+#   - an SCRC-style scorer {cite}`hu2016natural` picks a box among sliding boxes and
+#     segment boxes; the box, or GrabCut {cite}`rother2004grabcut` initialised with it
+#   - SCRC on EdgeBox proposals {cite}`zitnick2014edge`
+# * - per-word segmentation
+#   - one map per vocabulary word from one FCN head; an expression's map is the mean (or
+#     the intersection) of its words' maps
+#   - a segmentation model per word
+# * - classification over segmentation proposals
+#   - the scorer picks one of the Felzenszwalb segments and their merges
+#   - MCG proposals {cite}`arbelaez2014multiscale`
+# ```
 #
 # Their sizes are not in the paper; `BaselineSettings` holds the ones used here. This
 # chapter fits each baseline once on the run's training split, draws what it does, and
-# evaluates it on the test split, writing `eval/<method>_<split>.csv` and `.json` to the run
-# folder, which the evaluation chapter reads.
+# evaluates it on the test split, writing `eval/<method>_<split>.csv` and `.json` to the
+# run folder, which the evaluation chapter reads.
 
 # %% tags=["parameters"]
-profile = "cpu"  # paper, cpu or smoke
-run_dir = "runs/cpu"  # where the notebooks hand their results to each other
-device = "auto"  # auto (CUDA when available), cpu or cuda
-seed = 0  # chooses the examples drawn
-overrides = {}  # profile overrides, e.g. {"spatial_channels": 2}
-baseline_settings = {}  # overrides of referseg.baselines.common.BaselineSettings, e.g. {"iterations": 200}
-examples = 4  # test pairs drawn for every baseline
+profile: str = "cpu"  # paper, cpu or smoke
+run_dir: str = "runs/cpu"  # where the notebooks hand their results to each other
+device: str = "auto"  # auto (CUDA when available), cpu or cuda
+seed: int = 0  # chooses the examples drawn
+overrides: dict = {}  # profile overrides, e.g. {"spatial_channels": 2}
+# overrides of referseg.baselines.common.BaselineSettings, e.g. {"iterations": 200}
+baseline_settings: dict = {}  # overrides of the baselines' settings
+examples: int = 4  # test pairs drawn for every baseline
 
-# %%
-import time
+# %% tags=["hide-input"]
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -60,20 +77,26 @@ from referseg.baselines.common import BaselineSettings
 from referseg.config import get_profile
 from referseg.data.transforms import prediction_mask
 from referseg.evaluate import paper_table
-from referseg.metrics import intersection_union, iou_from_counts, overall_iou, summarize_groups
+from referseg.metrics import (intersection_union, iou_from_counts, overall_iou,
+                              summarize_groups)
 from referseg.runs import Run
 
 viz.setup_style()
 cfg = get_profile(profile, **overrides)
-run = Run(run_dir, device=device, progress=False)  # config.json and vocab.txt written by chapter 4
+run = Run(run_dir, device=device, progress=False)  # config.json, vocab.txt: chapter 4
 if run.profile != cfg:
-    print(f"note: the run folder {run_dir} holds profile {run.profile.name!r}; its saved profile is used")
-# The smoke profile exists to run in seconds: fewer fitting steps and proposals (a choice of this book).
+    print(f"note: the run folder {run_dir} holds profile {run.profile.name!r}; "
+          "its saved profile is used")
+# The smoke profile exists to run in seconds: fewer fitting steps and proposals
+# (a choice of this book).
 quick = {"iterations": 30, "max_segments": 30} if run.profile.name == "smoke" else {}
 settings = BaselineSettings(**{**quick, **baseline_settings})
-train_data, test_data = run.split(run.profile.train_split), run.split(run.profile.eval_split)
-print(f"{run.profile.name} profile: fit on {run.profile.train_split} ({len(train_data)} pairs, "
-      f"{train_data.num_images} images), evaluate on {run.profile.eval_split} ({len(test_data)} pairs); {settings}")
+train_data = run.split(run.profile.train_split)
+test_data = run.split(run.profile.eval_split)
+print(f"{run.profile.name} profile: fit on {run.profile.train_split} "
+      f"({len(train_data)} pairs, {train_data.num_images} images), "
+      f"evaluate on {run.profile.eval_split} ({len(test_data)} pairs)")
+print(textwrap.fill(repr(settings), 88, subsequent_indent="  "))
 
 # %% [markdown]
 # ## Fitting and evaluating every baseline
@@ -92,24 +115,27 @@ for name in BASELINES:
     timing.append({"baseline": name, "fit (s)": round(first["fit_seconds"], 1),
                    "fit + test (s)": round(first["seconds"] * len(rows), 1),
                    **{k: round(v, 3) for k, v in first["fit_stats"].items()}})
-display(pd.DataFrame(timing).set_index("baseline"))
+display(viz.dash_missing(pd.DataFrame(timing).set_index("baseline")))
 paper_table(summaries)
 
 # %% [markdown]
-# All numbers are in % on this run's test split (the paper's table layout; the evaluation
-# chapter puts them beside our model). `best_overlap` is the mean IoU of the *best*
-# proposal for each training pair: the ceiling of a proposal method with a perfect scorer.
+# All numbers are in % on this run's test split (the paper's table layout; the
+# evaluation chapter puts them beside our model). `best_overlap` is the mean IoU of the
+# *best* proposal for each training pair: the ceiling of a proposal method with a
+# perfect scorer; the methods without proposals show "–" there.
 #
 # ## What each baseline predicts
 #
-# The same test pairs for every baseline; the prediction is tinted red, the ground truth
-# outlined in green.
+# {numref}`fig-baselines-predictions` shows the same test pairs for every baseline; the
+# prediction is tinted red, the ground truth outlined in green.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "remove-output"]
 rng = np.random.default_rng(seed)
-chosen = np.sort(rng.choice(len(test_data), size=min(examples, len(test_data)), replace=False))
+chosen = np.sort(rng.choice(len(test_data), size=min(examples, len(test_data)),
+                            replace=False))
 targets = [test_data.original_mask(int(i)) for i in chosen]
-images = {int(i): test_data.dataset.refer.load_image(test_data.pairs[int(i)].image_id) for i in chosen}
+images = {int(i): test_data.dataset.refer.load_image(test_data.pairs[int(i)].image_id)
+          for i in chosen}
 predictions = {}
 for name, baseline in fitted.items():
     predictions.update(baseline.predict_masks(test_data, chosen))
@@ -121,14 +147,23 @@ for row, i in enumerate(chosen):
         iou = iou_from_counts(*intersection_union(masks[row], targets[row]))
         pictures.append(viz.compare_masks(images[int(i)], masks[row], targets[row]))
         captions.append(f"{variant} (IoU {iou:.2f})")
-viz.image_grid(pictures, captions, ncols=1 + len(predictions), width=2.6);
+grid = viz.image_grid(pictures, captions, ncols=1 + len(predictions), width=2.6)
+viz.glue_figure("fig-baselines-predictions", grid)
+
+# %% [markdown]
+# ```{glue:figure} fig-baselines-predictions
+# :name: fig-baselines-predictions
+#
+# Test pairs (one per row): the ground truth (green), then the prediction of each
+# baseline (red, ground truth outlined) with its IoU.
+# ```
 
 # %% [markdown]
 # ## Inside the baselines
 #
 # **Per-word segmentation** gives every word its own map. The expression's map combines
-# them, so "left" and "circle" each vote for their own cells; nothing models how the words
-# relate ("the circle left of the star").
+# them, so "left" and "circle" each vote for their own cells; nothing models how the
+# words relate ("the circle left of the star").
 
 # %% tags=["hide-input"]
 per_word = fitted["per-word"]
@@ -140,27 +175,33 @@ with torch.no_grad():
 words = [run.vocab.tokens[t] for t in tokens[0].tolist()]
 keep = [t for t, w in enumerate(words) if w != "<pad>"]
 square = viz.letterboxed(images[i], run.profile.input_size)
-viz.image_grid([viz.heatmap(square, viz.sigmoid(word_maps[t]), alpha=0.6) for t in keep],
+viz.image_grid([viz.heatmap(square, viz.sigmoid(word_maps[t]), alpha=0.6)
+                for t in keep],
                [f'word "{words[t]}"' for t in keep], ncols=len(keep), width=2.6,
                suptitle=f'per-word maps of "{test_data.pairs[i].expression}"');
 
 # %% [markdown]
 # **Proposals.** Box retrieval scores boxes (sliding windows and the boxes of segments);
-# proposal classification scores segments: Felzenszwalb's graph segments and their greedy
-# merges, standing in for MCG. A method can do no better than its best proposal.
+# proposal classification scores segments: Felzenszwalb's graph segments and their
+# greedy merges, standing in for MCG ({numref}`fig-baselines-proposals`). A method can
+# do no better than its best proposal.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "remove-output"]
 import matplotlib.pyplot as plt
 
 proposals = fitted["proposal-classification"]
 image_index = int(test_data.pair_image[i])
 segments = proposals.segments(test_data, image_index)
 labels = segments.labels
-colours = np.random.default_rng(seed).integers(40, 255, size=(labels.max() + 2, 3)).astype(np.uint8)
-segment_picture = np.where((labels >= 0)[..., None], colours[labels], 0).astype(np.uint8)
+colours = np.random.default_rng(seed).integers(40, 255, size=(labels.max() + 2, 3))
+colours = colours.astype(np.uint8)
+segment_picture = np.where((labels >= 0)[..., None], colours[labels], 0)
+segment_picture = segment_picture.astype(np.uint8)
 boxes = fitted["box-retrieval"].candidates(test_data, image_index).boxes
 box_picture = test_data.square_image(image_index, proposals.resolution).copy()
-for x0, y0, x1, y1 in boxes[np.random.default_rng(seed).choice(len(boxes), size=min(25, len(boxes)), replace=False)]:
+drawn = np.random.default_rng(seed).choice(len(boxes), size=min(25, len(boxes)),
+                                           replace=False)
+for x0, y0, x1, y1 in boxes[drawn]:
     box_picture[y0:y1, [x0, x1 - 1]] = (255, 220, 0)
     box_picture[[y0, y1 - 1], x0:x1] = (255, 220, 0)
 fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
@@ -173,51 +214,66 @@ axes[2].set_title(f"25 of {len(boxes)} box proposals")
 for ax in axes:
     ax.axis("off")
 fig.tight_layout()
+viz.glue_figure("fig-baselines-proposals", fig)
+
+# %% [markdown]
+# ```{glue:figure} fig-baselines-proposals
+# :name: fig-baselines-proposals
+#
+# The proposals of the first test pair's image: the letterboxed image (left), its
+# segments, each in a colour of its own (middle), and some of its box proposals (right).
+# ```
 
 # %% [markdown]
 # ## Exercises
 #
-# 1. *(easy)* The whole-image baseline's overall IoU equals the share of the test images'
-#    pixels that the referred regions cover (summed over pairs). Check it from the saved
-#    per-sample file `eval/whole-image_<split>.csv`.
+# 1. *(easy)* The whole-image baseline's overall IoU equals the share of the test
+#    images' pixels that the referred regions cover (summed over pairs). Check it from
+#    the saved per-sample file `eval/whole-image_<split>.csv`.
 
 # %% tags=["solution", "hide-cell"]
 per_sample = pd.read_csv(Path(run_dir) / "eval" / f"whole-image_{test_data.split}.csv")
 areas = sum(h * w for h, w in (test_data.size(k) for k in range(len(test_data))))
-print(f"overall IoU {overall_iou(per_sample['intersection'], per_sample['union']):.4f}; "
-      f"ground-truth pixels / image pixels {per_sample['intersection'].sum() / areas:.4f}")
+whole = overall_iou(per_sample["intersection"], per_sample["union"])
+covered = per_sample["intersection"].sum() / areas
+print(f"overall IoU {whole:.4f}; ground-truth pixels / image pixels {covered:.4f}")
 
 # %% [markdown]
 # 2. *(medium)* Which expression types does per-word segmentation (mean) handle worst
-#    compared with proposal classification? Use the `type` column of the per-sample files.
+#    compared with proposal classification? Use the `type` column of the per-sample
+#    files.
 
 # %% tags=["solution", "hide-cell"]
 rows = {}
 for variant in ("per-word-mean", "proposal-classification"):
     frame = pd.read_csv(Path(run_dir) / "eval" / f"{variant}_{test_data.split}.csv")
-    rows[variant] = {kind: round(100 * s["overall_iou"], 1) for kind, s in summarize_groups(frame, "type").items()}
-pd.DataFrame(rows).assign(difference=lambda t: t["proposal-classification"] - t["per-word-mean"]).sort_values("difference")
+    rows[variant] = {kind: round(100 * s["overall_iou"], 1)
+                     for kind, s in summarize_groups(frame, "type").items()}
+by_type = pd.DataFrame(rows)
+by_type["difference"] = by_type["proposal-classification"] - by_type["per-word-mean"]
+by_type.sort_values("difference")
 
 # %% [markdown]
-# 3. *(medium)* Why can GrabCut *lower* the IoU of a well-chosen box on SynthRef, when it
-#    usually helps on photographs?
+# 3. *(medium)* Why can GrabCut *lower* the IoU of a well-chosen box on SynthRef, when
+#    it usually helps on photographs?
 
 # %% [markdown] tags=["solution"]
 # ```{admonition} Solution
 # :class: dropdown
 #
-# GrabCut separates the box's content into foreground and background by colour models. When
-# the target overlaps another shape, or shares the colour of the stuff behind it (a green
-# shape on grass, a blue one against the sky), the colour models cannot tell them apart and
-# the cut leaks or shrinks. It also runs on the low-resolution letterbox used for the
-# proposals here, which blurs thin parts. A box that fits a compact shape already has a high
-# IoU, so there is little to gain and something to lose.
+# GrabCut separates the box's content into foreground and background by colour models.
+# When the target overlaps another shape, or shares the colour of the stuff behind it (a
+# green shape on grass, a blue one against the sky), the colour models cannot tell them
+# apart and the cut leaks or shrinks. It also runs on the low-resolution letterbox used
+# for the proposals here, which blurs thin parts. A box that fits a compact shape
+# already has a high IoU, so there is little to gain and something to lose.
 # ```
 
 # %% [markdown]
-# 4. *(harder)* Give the proposal classifier a perfect scorer: for each test pair, take the
-#    proposal with the best IoU with the ground truth, and compute the overall IoU of these
-#    oracle choices on the first 100 test pairs. How far is the fitted scorer from it?
+# 4. *(harder)* Give the proposal classifier a perfect scorer: for each test pair, take
+#    the proposal with the best IoU with the ground truth, and compute the overall IoU
+#    of these oracle choices on the first 100 test pairs. How far is the fitted scorer
+#    from it?
 
 # %% tags=["solution", "hide-cell"]
 oracle = []
@@ -230,6 +286,8 @@ for k in range(min(100, len(test_data))):
     height, width = test_data.size(k)
     mask = prediction_mask(square_logits, height, width, run.profile.eval_mode)
     oracle.append(intersection_union(mask, test_data.original_mask(k)))
-fitted_frame = pd.read_csv(Path(run_dir) / "eval" / f"proposal-classification_{test_data.split}.csv").head(100)
-print(f"oracle proposal: overall IoU {overall_iou(*np.array(oracle).T):.3f}; fitted scorer: "
-      f"{overall_iou(fitted_frame['intersection'], fitted_frame['union']):.3f} (same pairs)")
+fitted_file = Path(run_dir) / "eval" / f"proposal-classification_{test_data.split}.csv"
+fitted_frame = pd.read_csv(fitted_file).head(100)
+fitted_iou = overall_iou(fitted_frame["intersection"], fitted_frame["union"])
+print(f"oracle proposal: overall IoU {overall_iou(*np.array(oracle).T):.3f}; "
+      f"fitted scorer: {fitted_iou:.3f} (same pairs)")

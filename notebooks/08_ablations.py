@@ -14,48 +14,71 @@
 # # Beyond the paper: which parts of the method matter?
 #
 # The paper reports one model and its low-resolution version; it does not take the model
-# apart. This chapter does, on SynthRef, with the profile's own network. Each question is
-# one **profile override** of a *reference* run (`get_profile(profile, **overrides)`), never
-# a second copy of the code:
+# apart. This chapter does, on SynthRef, with the profile's own network. Each question
+# is one **profile override** of a *reference* run
+# (`get_profile(profile, **overrides)`), never a second copy of the code:
 #
-# | question | reference (SPEC) | variant(s) |
-# |---|---|---|
-# | do the spatial channels help, and for which expressions? | 8 channels (code, SPEC §4) | 2 (paper), 0 |
-# | does the per-position L2 normalisation matter? | on (SPEC §4) | off |
-# | does word order matter, i.e. is the LSTM needed? | LSTM (SPEC §4) | bag of words (`text_encoder="bow"`) |
-# | how should the 16 x 16 labels be made? | OR-pooled: any pixel of the block (SPEC §5) | the block's centre pixel (`lowres_labels="nearest"`) |
-# | why down-weight negatives in stage 2? | 1/3 (SPEC §5) | 1 (`stage2={"neg_weight": 1.0}`) |
-# | is a pretrained backbone worth it? | pretrained, frozen, features cached | slim VGG-16 trained from scratch in the same training time |
+# ```{list-table}
+# :header-rows: 1
+# :widths: auto
+#
+# * - question
+#   - reference (SPEC)
+#   - variant(s)
+# * - do the spatial channels help, and for which expressions?
+#   - 8 channels (code, SPEC §4)
+#   - 2 (paper), 0
+# * - does the per-position L2 normalisation matter?
+#   - on (SPEC §4)
+#   - off
+# * - does word order matter, i.e. is the LSTM needed?
+#   - LSTM (SPEC §4)
+#   - bag of words (`text_encoder="bow"`)
+# * - how should the 16 x 16 labels be made?
+#   - OR-pooled: any pixel of the block (SPEC §5)
+#   - the block's centre pixel (`lowres_labels="nearest"`)
+# * - why down-weight negatives in stage 2?
+#   - 1/3 (SPEC §5)
+#   - 1 (`stage2={"neg_weight": 1.0}`)
+# * - is a pretrained backbone worth it?
+#   - pretrained, frozen, features cached
+#   - slim VGG-16 trained from scratch in the same training time
+# ```
 #
 # Every variant is trained and evaluated exactly like the reference (same data, same
-# iterations, same seed, same test split), so the difference to the reference is the effect
-# of the override. **Uncertainty**: each overall IoU comes with a 95% bootstrap confidence
-# interval over the test samples (the test pairs are drawn with replacement and overall IoU
-# recomputed), and each difference with a *paired* interval (both models scored on the same
-# resampled pairs), usually much narrower than two separate intervals. With several seeds
-# the intervals average the seeds on the same resampled pairs.
+# iterations, same seed, same test split), so the difference to the reference is the
+# effect of the override. **Uncertainty**: each overall IoU comes with a 95% bootstrap
+# confidence interval over the test samples (the test pairs are drawn with replacement
+# and overall IoU recomputed), and each difference with a *paired* interval (both models
+# scored on the same resampled pairs), usually much narrower than two separate
+# intervals. With several seeds the intervals average the seeds on the same resampled
+# pairs.
 #
-# The runs go to `<run_dir>/ablations/<variant>/seed<k>/`; results are saved there and in
-# `<run_dir>/ablations/results.csv`, so running the chapter again with the same parameters
-# only reads them back.
+# The runs go to `<run_dir>/ablations/<variant>/seed<k>/`; results are saved there and
+# in `<run_dir>/ablations/results.csv`, so running the chapter again with the same
+# parameters only reads them back.
 
 # %% tags=["parameters"]
-profile = "cpu"  # paper, cpu or smoke
-run_dir = "runs/cpu"  # ablation runs go to <run_dir>/ablations/<variant>/seed<k>/
-device = "auto"  # auto (CUDA when available), cpu or cuda
-seed = 0  # the first seed; also seeds the bootstrap
-overrides = {}  # profile overrides applied to the reference and every variant
-seeds = None  # seeds to train each variant with, e.g. [0, 1, 2]; None: [seed]
-iteration_fraction = 0.2  # every variant trains this fraction of the profile's iterations per stage
-stage1_iterations = None  # or an explicit count (overrides iteration_fraction for stage 1)
-stage2_iterations = None  # or an explicit count for stage 2
-budget_s = 600  # runs that would end past this many seconds are skipped (and marked so); None: no limit
-resamples = 1000  # bootstrap resamples of the test set
-slim_width_mult = 0.25  # channel width of the slim VGG-16 trained from scratch
-probe_iterations = 4  # iterations of the probe run that times the slim VGG-16
-threads = None  # PyTorch CPU threads (None: its default, all cores); set 1 when other work shares the cores
+from typing import Optional
 
-# %%
+profile: str = "cpu"  # paper, cpu or smoke
+run_dir: str = "runs/cpu"  # runs go to <run_dir>/ablations/<variant>/seed<k>/
+device: str = "auto"  # auto (CUDA when available), cpu or cuda
+seed: int = 0  # the first seed; also seeds the bootstrap
+overrides: dict = {}  # profile overrides applied to the reference and every variant
+seeds: Optional[list[int]] = None  # seeds of each variant, e.g. [0, 1, 2]; None: [seed]
+iteration_fraction: float = 0.2  # share of the profile's iterations, per stage
+stage1_iterations: Optional[int] = None  # or a count (instead of iteration_fraction)
+stage2_iterations: Optional[int] = None  # or a count for stage 2
+# runs that would end past this many seconds are skipped (and marked so); None: no limit
+budget_s: Optional[float] = 600  # seconds for all the runs; later ones are skipped
+resamples: int = 1000  # bootstrap resamples of the test set
+slim_width_mult: float = 0.25  # channel width of the slim VGG-16 trained from scratch
+probe_iterations: int = 4  # iterations of the probe run that times the slim VGG-16
+# PyTorch CPU threads (None: its default, all cores); 1 when other work shares the cores
+threads: Optional[int] = None  # PyTorch CPU threads; None: all cores
+
+# %% tags=["hide-input"]
 import json
 import time
 from pathlib import Path
@@ -74,30 +97,37 @@ seeds = [int(seed)] if seeds is None else [int(s) for s in seeds]
 base = get_profile(profile, **overrides)
 reference = ablations.reference_profile(
     base,
-    stage1_iterations=stage1_iterations or max(3, round(base.stage1.iterations * iteration_fraction)),
-    stage2_iterations=stage2_iterations or max(3, round(base.stage2.iterations * iteration_fraction)),
+    stage1_iterations=(stage1_iterations
+                       or max(3, round(base.stage1.iterations * iteration_fraction))),
+    stage2_iterations=(stage2_iterations
+                       or max(3, round(base.stage2.iterations * iteration_fraction))),
 )
 grid = ablations.ablation_grid(reference, slim_width_mult=slim_width_mult)
-print(f"profile {profile!r} ({reference.dataset}, backbone {reference.backbone}, grid {reference.grid}x{reference.grid}); "
-      f"every variant: stage 1 {reference.stage1.iterations} iterations (lr x{reference.stage1.lr_gamma} every "
-      f"{reference.stage1.lr_step}), stage 2 {reference.stage2.iterations} (every {reference.stage2.lr_step}); "
-      f"the profile itself trains {base.stage1.iterations} + {base.stage2.iterations}")
-print(f"seeds {seeds}; budget {budget_s} s; run folder {Path(run_dir) / ablations.ABLATIONS_DIR}")
+stage1, stage2 = reference.stage1, reference.stage2
+print(f"profile {profile!r} ({reference.dataset}, backbone {reference.backbone}, "
+      f"grid {reference.grid}x{reference.grid})")
+print(f"every variant: stage 1 {stage1.iterations} iterations "
+      f"(lr x{stage1.lr_gamma} every {stage1.lr_step}), "
+      f"stage 2 {stage2.iterations} (every {stage2.lr_step})")
+print(f"the profile itself trains {base.stage1.iterations} + {base.stage2.iterations}")
+print(f"seeds {seeds}; budget {budget_s} s; "
+      f"run folder {Path(run_dir) / ablations.ABLATIONS_DIR}")
 
 # %% [markdown]
 # ## The grid
 #
 # Each row is a variant; the last column is computed from the profiles themselves: the
 # fields where the variant's profile differs from the reference's, which are exactly its
-# overrides. The slim VGG-16 keeps the reference's input size and stride, so its grid is the
-# same; its iteration counts are set further down to take the reference's training time.
+# overrides. The slim VGG-16 keeps the reference's input size and stride, so its grid is
+# the same; its iteration counts are set further down to take the reference's training
+# time.
 
-# %%
+# %% tags=["hide-input"]
 grid_table = pd.DataFrame([
     {"variant": v.name, "question": v.group, "variant is": v.label,
      "overrides": json.dumps(v.overrides) if v.overrides else "(none)",
-     "profile differs from the reference in": ", ".join(profile_changes(reference, v.profile(reference)))
-     or "(nothing)"}
+     "profile differs from the reference in":
+         ", ".join(profile_changes(reference, v.profile(reference))) or "(nothing)"}
     for v in grid
 ]).set_index("variant")
 grid_table
@@ -107,48 +137,68 @@ grid_table
 #
 # One call trains both stages of each (variant, seed) with the package's trainer and
 # evaluates the final (high-resolution) model on the test split with the evaluation
-# protocol of SPEC §1. Variants with the reference's frozen backbone share its feature cache.
-# Finished runs are read back instead of retrained.
+# protocol of SPEC §1. Variants with the reference's frozen backbone share its feature
+# cache. Finished runs are read back instead of retrained.
 
 # %%
 started = time.perf_counter()
-results = ablations.run_ablations(reference, grid, run_dir, seeds=seeds, stages=(1, 2), device=device,
-                                  budget_s=budget_s, resamples=resamples, probe_iterations=probe_iterations,
-                                  threads=threads)
+results = ablations.run_ablations(reference, grid, run_dir, seeds=seeds, stages=(1, 2),
+                                  device=device, budget_s=budget_s, resamples=resamples,
+                                  probe_iterations=probe_iterations, threads=threads)
 elapsed = time.perf_counter() - started
 status = results["status"].value_counts().to_dict()
-print(f"{len(results)} runs in {elapsed:.0f} s: " + ", ".join(f"{n} {s}" for s, n in status.items()))
-results.round(4)
+print(f"{len(results)} runs in {elapsed:.0f} s: "
+      + ", ".join(f"{n} {s}" for s, n in status.items()))
+viz.dash_missing(results.round(4))
 
 # %% [markdown]
 # ## All variants against the reference
 #
-# Overall IoU (SPEC §1, in %) of each variant with its 95% bootstrap interval; `Δ` columns
-# are the paired differences to the reference in points, on all test expressions, on the
-# position expressions (SynthRef types `position` and `superlative`: "circle on the left",
-# "leftmost one") and on the others; `train s` is the wall time of the training loops.
+# Overall IoU (SPEC §1, in %) of each variant with its 95% bootstrap interval; `Δ`
+# columns are the paired differences to the reference in points, on all test
+# expressions, on the position expressions (SynthRef types `position` and `superlative`:
+# "circle on the left", "leftmost one") and on the others; `train s` is the wall time of
+# the training loops. The reference has no difference to itself ("–").
 
 # %%
-table = viz.comparison_table(run_dir, results, reference, resamples=resamples, seed=seed)
-shown = ["group", "label", "seeds", "overall IoU", "CI low", "CI high", "Δ all", "Δ all low", "Δ all high",
-         "Δ position", "Δ other", "train s", "iterations"]
-table[[c for c in shown if c in table.columns]].round(2)
+table = viz.comparison_table(run_dir, results, reference, resamples=resamples,
+                             seed=seed)
+shown = ["group", "label", "seeds", "overall IoU", "CI low", "CI high",
+         "Δ all", "Δ all low", "Δ all high", "Δ position", "Δ other", "train s",
+         "iterations"]
+viz.dash_missing(table[[c for c in shown if c in table.columns]].round(2))
 
-# %%
+# %% [markdown]
+# {numref}`fig-ablations-all` puts every variant beside the reference:
+
+# %% tags=["hide-input", "remove-output"]
 others = [n for n in table.index if n != ablations.REFERENCE]
 if others:
-    viz.plot_group(table, others, subsets=("all",), title="every ablation against the reference")
-    plt.show()
+    axes = viz.plot_group(table, others, subsets=("all",),
+                          title="every ablation against the reference")
+else:  # every variant was skipped (budget_s): say so in the figure's place
+    axes = plt.figure(figsize=(8, 1)).text(0.5, 0.5, "no variant ran", ha="center")
+viz.glue_figure("fig-ablations-all", axes)
+
+# %% [markdown]
+# ```{glue:figure} fig-ablations-all
+# :name: fig-ablations-all
+#
+# Overall IoU of every variant with its 95% bootstrap interval (left), and its paired
+# difference to the reference on all test expressions (right).
+# ```
+
+# %%
 for name in others:
-    print(viz.describe_difference(table, name))
+    viz.print_wrapped(viz.describe_difference(table, name))
 
 # %% [markdown]
 # ## Spatial channels: 8, 2 or none
 #
-# The official code gives the classifier 8 coordinates per cell, the paper describes 2, and
-# without any the classifier only sees what the visual features say about position (their
-# receptive fields and padding carry some). If the channels matter, they should matter most
-# for expressions that name a place.
+# The official code gives the classifier 8 coordinates per cell, the paper describes 2,
+# and without any the classifier only sees what the visual features say about position
+# (their receptive fields and padding carry some). If the channels matter, they should
+# matter most for expressions that name a place.
 
 # %%
 spatial = [n for n in ("spatial-2", "spatial-0") if n in table.index]
@@ -157,14 +207,15 @@ if spatial:
     plt.show()
 for name in spatial:
     for subset in ("position", "other"):
-        print(viz.describe_difference(table, name, subset))
+        viz.print_wrapped(viz.describe_difference(table, name, subset))
 
 # %% [markdown]
 # The same numbers per expression type (overall IoU in %, averaged over seeds):
 
-# %%
+# %% tags=["hide-input"]
 def per_type(names: list[str]) -> pd.DataFrame:
-    """Overall IoU (%) per SynthRef expression type for some variants, from their per-sample results."""
+    """Overall IoU (%) per SynthRef expression type for some variants, from their
+    per-sample results."""
     columns = {}
     for name in names:
         samples = ablations.load_samples(run_dir, name, seeds)
@@ -173,58 +224,61 @@ def per_type(names: list[str]) -> pd.DataFrame:
     frame = pd.DataFrame(columns)
     if not frame.empty:
         samples = ablations.load_samples(run_dir, ablations.REFERENCE, seeds[:1])
-        frame["test pairs"] = samples["type"].value_counts() if samples is not None else np.nan
+        counts = samples["type"].value_counts() if samples is not None else np.nan
+        frame["test pairs"] = counts
     return frame.round(1)
 
 
-per_type([ablations.REFERENCE, *spatial])
+viz.dash_missing(per_type([ablations.REFERENCE, *spatial]))
 
 # %% [markdown]
 # ## L2 normalisation, text encoder, low-resolution labels
 #
 # - **L2 normalisation** puts the text vector and the visual vector on the same scale at
 #   every cell before the classifier mixes them (SPEC §4).
-# - **Bag of words** averages the word embeddings: it keeps the words but loses their order,
-#   so "red circle left of the square" and "square left of the red circle" look alike.
-#   SynthRef's short expressions rarely depend on order, so any difference here mostly
-#   measures the two encoders' capacity and ease of training.
-# - **Nearest labels** mark a 16 x 16 cell positive only when the block's centre pixel is
-#   foreground, so small or thin things can vanish from the stage-1 labels.
+# - **Bag of words** averages the word embeddings: it keeps the words but loses their
+#   order, so "red circle left of the square" and "square left of the red circle" look
+#   alike. SynthRef's short expressions rarely depend on order, so any difference here
+#   mostly measures the two encoders' capacity and ease of training.
+# - **Nearest labels** mark a 16 x 16 cell positive only when the block's centre pixel
+#   is foreground, so small or thin things can vanish from the stage-1 labels.
 
 # %%
 for name in ("no-l2-norm", "bag-of-words", "nearest-labels"):
     if name in table.index:
         viz.plot_group(table, [name], title=table.loc[name, "group"])
         plt.show()
-        print(viz.describe_difference(table, name))
+        viz.print_wrapped(viz.describe_difference(table, name))
 
 # %% [markdown]
 # ## Stage 2: the weight of the negatives
 #
-# At high resolution most pixels of a 512 x 512 (here smaller) letterbox are background. The
-# official recipe weights negatives by 1/3 in stage 2 (SPEC §5), which pushes the logits of
-# uncertain pixels up; with weight 1 the model is more conservative.
+# At high resolution most pixels of a 512 x 512 (here smaller) letterbox are background.
+# The official recipe weights negatives by 1/3 in stage 2 (SPEC §5), which pushes the
+# logits of uncertain pixels up; with weight 1 the model is more conservative.
 
 # %%
 if "neg-weight-1" in table.index:
     viz.plot_group(table, ["neg-weight-1"], title="stage-2 negative weight")
     plt.show()
-    print(viz.describe_difference(table, "neg-weight-1"))
-    mean_iou = {name: results[(results["variant"] == name) & results["status"].isin(["trained", "reused"])]
-                ["mean_iou"].mean() for name in (ablations.REFERENCE, "neg-weight-1")}
-    print(f"mean IoU (%, not in the paper): reference {100 * mean_iou[ablations.REFERENCE]:.1f}, "
+    viz.print_wrapped(viz.describe_difference(table, "neg-weight-1"))
+    finished = results[results["status"].isin(["trained", "reused"])]
+    mean_iou = {name: finished[finished["variant"] == name]["mean_iou"].mean()
+                for name in (ablations.REFERENCE, "neg-weight-1")}
+    print(f"mean IoU (%, not in the paper): "
+          f"reference {100 * mean_iou[ablations.REFERENCE]:.1f}, "
           f"negative weight 1: {100 * mean_iou['neg-weight-1']:.1f}")
 
 # %% [markdown]
 # ## A pretrained backbone against a slim VGG-16 from scratch, in the same time
 #
-# The trainer has no time-budget stop, so the runner measures the slim network's seconds per
-# iteration with a short probe run and gives it the iteration count that takes as long as the
-# reference's training loops (stage by stage). The reference's one-off feature extraction
-# (its frozen backbone runs once per image, shared by all variants) is not counted. The plan
-# and the measured training times:
+# The trainer has no time-budget stop, so the runner measures the slim network's seconds
+# per iteration with a short probe run and gives it the iteration count that takes as
+# long as the reference's training loops (stage by stage). The reference's one-off
+# feature extraction (its frozen backbone runs once per image, shared by all variants)
+# is not counted. The plan and the measured training times:
 
-# %%
+# %% tags=["hide-input"]
 slim = "slim-vgg16-scratch"
 plan_file = Path(run_dir) / ablations.ABLATIONS_DIR / slim / ablations.PLAN_FILE
 if plan_file.is_file():
@@ -233,16 +287,20 @@ if plan_file.is_file():
         "reference loop (s)": plan["reference_seconds"],
         "slim s / iteration (probe)": plan["seconds_per_iteration"],
         "slim iterations": plan["iterations"],
-        "reference iterations": {"1": reference.stage1.iterations, "2": reference.stage2.iterations},
+        "reference iterations": {"1": reference.stage1.iterations,
+                                 "2": reference.stage2.iterations},
     }).rename_axis("stage").round(3))
-    trained = results[results["status"].isin(["trained", "reused"])].set_index(["variant", "seed"])["train_s"]
-    print("measured training time (s): " + ", ".join(f"{name} seed {s}: {t:.1f}" for (name, s), t in trained.items()
-                                                      if name in (ablations.REFERENCE, slim)))
-print(viz.describe_difference(table, slim))
+    finished = results[results["status"].isin(["trained", "reused"])]
+    trained = finished.set_index(["variant", "seed"])["train_s"]
+    viz.print_wrapped("measured training time (s): " + ", ".join(
+        f"{name} seed {s}: {t:.1f}" for (name, s), t in trained.items()
+        if name in (ablations.REFERENCE, slim)))
+viz.print_wrapped(viz.describe_difference(table, slim))
 if slim in table.index:
     viz.plot_group(table, [slim], title="backbone")
     plt.show()
-    samples = {name: ablations.load_samples(run_dir, name, seeds) for name in (ablations.REFERENCE, slim)}
+    samples = {name: ablations.load_samples(run_dir, name, seeds)
+               for name in (ablations.REFERENCE, slim)}
     by_region = pd.DataFrame({name: 100 * overall_iou_by(s, "region")
                               for name, s in samples.items() if s is not None}).round(1)
     display(by_region.rename_axis("overall IoU (%) on"))
@@ -250,42 +308,46 @@ if slim in table.index:
 # %% [markdown]
 # ## What to keep in mind
 #
-# - These are SynthRef results with the profile's small network and fewer iterations than
-#   the profile's own run (see the settings printed at the top); they rank the parts of the
-#   method on this data, they do not predict their effect on ReferIt.
-# - The bootstrap intervals treat test pairs as independent, but pairs of one image share
-#   the image (exercise 2 resamples whole images instead). With one seed they leave out the
-#   training noise, which seeds would add: an interval that excludes 0 with one seed is
-#   evidence, not proof.
+# - These are SynthRef results with the profile's small network and fewer iterations
+#   than the profile's own run (see the settings printed at the top); they rank the
+#   parts of the method on this data, they do not predict their effect on ReferIt.
+# - The bootstrap intervals treat test pairs as independent, but pairs of one image
+#   share the image (exercise 2 resamples whole images instead). With one seed they
+#   leave out the training noise, which seeds would add: an interval that excludes 0
+#   with one seed is evidence, not proof.
 # - Each variant changes one thing; the parts may interact (for example, the spatial
-#   channels are not normalised, so their weight relative to the normalised vectors changes
-#   when L2 normalisation is off).
+#   channels are not normalised, so their weight relative to the normalised vectors
+#   changes when L2 normalisation is off).
 #
 # ## Exercises
 #
-# 1. *(easy)* Which expression type loses most when the spatial channels are removed? Compute
-#    the per-type overall IoU of the reference and of `spatial-0` from their per-sample
-#    results (`ablations.load_samples`) and sort the types by the difference.
+# 1. *(easy)* Which expression type loses most when the spatial channels are removed?
+#    Compute the per-type overall IoU of the reference and of `spatial-0` from their
+#    per-sample results (`ablations.load_samples`) and sort the types by the difference.
 
 # %% tags=["solution", "hide-cell"]
-pair = {name: ablations.load_samples(run_dir, name, seeds) for name in (ablations.REFERENCE, "spatial-0")}
+pair = {name: ablations.load_samples(run_dir, name, seeds)
+        for name in (ablations.REFERENCE, "spatial-0")}
 if all(s is not None for s in pair.values()):
-    iou = pd.DataFrame({name: 100 * overall_iou_by(s, "type") for name, s in pair.items()})
+    iou = pd.DataFrame({name: 100 * overall_iou_by(s, "type")
+                        for name, s in pair.items()})
     iou["difference"] = iou["spatial-0"] - iou[ablations.REFERENCE]
     display(iou.sort_values("difference").round(1))
 else:
     print("spatial-0 or the reference did not run (see the results table)")
 
 # %% [markdown]
-# 2. *(medium)* The bootstrap above resamples test *pairs*, but the pairs of one image share
-#    the image and are not independent. Write a *cluster* bootstrap that resamples whole test
-#    images (with all their pairs) and compare its 95% interval for the reference's overall IoU
-#    with the pair bootstrap's. Which one is wider, and why?
+# 2. *(medium)* The bootstrap above resamples test *pairs*, but the pairs of one image
+#    share the image and are not independent. Write a *cluster* bootstrap that resamples
+#    whole test images (with all their pairs) and compare its 95% interval for the
+#    reference's overall IoU with the pair bootstrap's. Which one is wider, and why?
 
 # %% tags=["solution", "hide-cell"]
-def image_bootstrap(samples: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+def image_bootstrap(samples: pd.DataFrame, resamples: int = 1000,
+                    seed: int = 0) -> tuple[float, float]:
     """95% interval of overall IoU when whole images are drawn with replacement."""
-    per_image = samples.groupby("image_id")[["intersection", "union"]].sum().to_numpy(dtype=float)
+    per_image = samples.groupby("image_id")[["intersection", "union"]].sum()
+    per_image = per_image.to_numpy(dtype=float)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(per_image), size=(resamples, len(per_image)))
     totals = per_image[draws].sum(axis=1)
@@ -295,33 +357,38 @@ def image_bootstrap(samples: pd.DataFrame, resamples: int = 1000, seed: int = 0)
 
 ref_samples = ablations.load_samples(run_dir, ablations.REFERENCE, seeds[:1])
 if ref_samples is not None:
-    pair_ci = bootstrap_overall_iou(ref_samples["intersection"], ref_samples["union"], resamples, seed=seed)
+    pair_ci = bootstrap_overall_iou(ref_samples["intersection"], ref_samples["union"],
+                                    resamples, seed=seed)
     image_ci = image_bootstrap(ref_samples, resamples, seed)
     widths = {"pairs": pair_ci[2] - pair_ci[1], "images": image_ci[1] - image_ci[0]}
-    print(f"overall IoU {100 * pair_ci[0]:.1f}%: pairs resampled [{100 * pair_ci[1]:.1f}, {100 * pair_ci[2]:.1f}], "
-          f"images resampled [{100 * image_ci[0]:.1f}, {100 * image_ci[1]:.1f}] "
-          f"({ref_samples['image_id'].nunique()} test images, {len(ref_samples)} pairs); "
-          f"resampling {max(widths, key=widths.get)} gives the wider interval here")
-# Resampling images is usually wider: pairs of one image (and of one region) tend to succeed or fail
-# together, so there are fewer independent observations than pairs. With very few test images (the
-# smoke profile) the percentiles of the image bootstrap are themselves unreliable.
+    viz.print_wrapped(
+        f"overall IoU {100 * pair_ci[0]:.1f}%: "
+        f"pairs resampled [{100 * pair_ci[1]:.1f}, {100 * pair_ci[2]:.1f}], "
+        f"images resampled [{100 * image_ci[0]:.1f}, {100 * image_ci[1]:.1f}] "
+        f"({ref_samples['image_id'].nunique()} test images, {len(ref_samples)} pairs); "
+        f"resampling {max(widths, key=widths.get)} gives the wider interval here")
+# Resampling images is usually wider: pairs of one image (and of one region) tend to
+# succeed or fail together, so there are fewer independent observations than pairs. With
+# very few test images (the smoke profile) the percentiles of the image bootstrap are
+# themselves unreliable.
 
 # %% [markdown]
-# 3. *(medium)* The slim VGG-16 is compared with the pretrained backbone in the same training
-#    *time*, not in the same number of iterations. What would an iteration-matched comparison
-#    measure instead, and why is it less useful for someone choosing a backbone for a laptop?
+# 3. *(medium)* The slim VGG-16 is compared with the pretrained backbone in the same
+#    training *time*, not in the same number of iterations. What would an
+#    iteration-matched comparison measure instead, and why is it less useful for someone
+#    choosing a backbone for a laptop?
 
 # %% [markdown] tags=["solution"]
 # ```{admonition} Solution
 # :class: dropdown
 #
 # With equal iterations, both networks see the same number of training pairs, so the
-# comparison asks which network learns more *per example*; but each iteration of the slim
-# network costs much more, because its convolutions run (forward and backward) on every
-# image of every batch, while the frozen backbone's features are computed once and read from
-# the cache. Someone with a fixed amount of compute cares about what each choice reaches in
-# that compute, which is what the time-matched comparison measures. (Neither counts the
-# one-off cost of pretraining on ImageNet, which someone else paid.)
+# comparison asks which network learns more *per example*; but each iteration of the
+# slim network costs much more, because its convolutions run (forward and backward) on
+# every image of every batch, while the frozen backbone's features are computed once and
+# read from the cache. Someone with a fixed amount of compute cares about what each
+# choice reaches in that compute, which is what the time-matched comparison measures.
+# (Neither counts the one-off cost of pretraining on ImageNet, which someone else paid.)
 # ```
 
 # %% [markdown]
@@ -331,20 +398,26 @@ if ref_samples is not None:
 #    SynthRef test word order at all?
 
 # %% tags=["solution", "hide-cell"]
-bow = {name: ablations.load_samples(run_dir, name, seeds[:1]) for name in (ablations.REFERENCE, "bag-of-words")}
+bow = {name: ablations.load_samples(run_dir, name, seeds[:1])
+       for name in (ablations.REFERENCE, "bag-of-words")}
 if all(s is not None for s in bow.values()):
-    frame = bow[ablations.REFERENCE][["sent_id", "image_id", "ann_id", "expression", "intersection", "union"]].copy()
-    frame["bag"] = frame["expression"].str.lower().str.split().map(lambda words: " ".join(sorted(words)))
+    columns = ["sent_id", "image_id", "ann_id", "expression", "intersection", "union"]
+    frame = bow[ablations.REFERENCE][columns].copy()
+    words = frame["expression"].str.lower().str.split()
+    frame["bag"] = words.map(lambda bag: " ".join(sorted(bag)))
     # regions of the same image that some expression with this bag of words refers to
     targets = frame.groupby(["image_id", "bag"])["ann_id"].transform("nunique")
     ambiguous = targets > 1
     other = bow["bag-of-words"].set_index("sent_id").loc[frame["sent_id"]]
-    print(f"{int(ambiguous.sum())} of {len(frame)} test expressions share their bag of words with an expression "
-          "of another region of the same image")
+    print(f"{int(ambiguous.sum())} of {len(frame)} test expressions share their bag of "
+          "words with an expression")
+    print("of another region of the same image")
     for name, part in (("LSTM", frame), ("bag of words", other.reset_index())):
         chosen = part[ambiguous.to_numpy()]
         if len(chosen):
-            print(f"{name}: overall IoU on them {100 * overall_iou(chosen['intersection'], chosen['union']):.1f}%")
-# SynthRef's expressions are short and single out their region by construction, so few (if any) pairs of
-# expressions of one image differ only in word order: when the count above is small, this data barely tests
-# word order, and a small gap between the encoders says little about ReferIt's longer expressions.
+            iou = overall_iou(chosen["intersection"], chosen["union"])
+            print(f"{name}: overall IoU on them {100 * iou:.1f}%")
+# SynthRef's expressions are short and single out their region by construction, so few
+# (if any) pairs of expressions of one image differ only in word order: when the count
+# above is small, this data barely tests word order, and a small gap between the
+# encoders says little about ReferIt's longer expressions.

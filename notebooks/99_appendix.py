@@ -19,11 +19,11 @@
 # executed notebooks (`book/notebooks/*.ipynb`). Nothing here is typed in by hand.
 
 # %% tags=["parameters"]
-profile = "cpu"
-run_dir = "runs/cpu"
-device = "auto"
-seed = 0
-overrides = {}
+profile: str = "cpu"  # paper, cpu or smoke: the profile whose run is recorded
+run_dir: str = "runs/cpu"  # the run folder, whose config.json names the profile
+device: str = "auto"  # auto (CUDA when available), cpu or cuda
+seed: int = 0  # the notebooks' seed parameter, recorded here
+overrides: dict = {}  # profile overrides, e.g. {"spatial_channels": 2}
 
 # %% tags=["hide-input"]
 import json
@@ -42,7 +42,10 @@ from referseg.config import Profile, get_profile
 
 executed_dir = Path("book/notebooks")
 config_file = Path(run_dir) / "config.json"
-config = Profile.load(config_file) if config_file.exists() else get_profile(profile, **overrides)
+if config_file.exists():
+    config = Profile.load(config_file)
+else:
+    config = get_profile(profile, **overrides)
 
 
 # %% [markdown]
@@ -54,10 +57,12 @@ environment = {
     "referseg": referseg.__version__,
     "python": sys.version.split()[0],
     "platform": platform.platform(),
-    "CPU": f"{cpu_model()} ({os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads)",
+    "CPU": f"{cpu_model()} ({os.cpu_count()} logical cores, "
+           f"torch uses {torch.get_num_threads()} threads)",
     "GPU": gpu,
-    **{name: package_version(name) for name in ("torch", "torchvision", "numpy", "opencv-python-headless",
-                                        "pycocotools", "papermill", "jupyter-book")},
+    **{name: package_version(name)
+       for name in ("torch", "torchvision", "numpy", "opencv-python-headless",
+                    "pycocotools", "papermill", "jupyter-book")},
 }
 pd.DataFrame(environment.items(), columns=["item", "value"]).set_index("item")
 
@@ -72,8 +77,8 @@ pd.DataFrame(environment.items(), columns=["item", "value"]).set_index("item")
 # %% tags=["hide-input"]
 lock = lock_summary()
 differ = lock[lock["agrees"] != "yes"]
-print(f"{len(lock) - len(differ)} of {len(lock)} locked packages are installed at their locked version; "
-      f"{len(differ)} differ (listed):")
+print(f"{len(lock) - len(differ)} of {len(lock)} locked packages are installed "
+      f"at their locked version; {len(differ)} differ (listed):")
 differ
 
 # %% tags=["hide-cell"]
@@ -87,7 +92,8 @@ lock
 # initialisation, batch order) derives from these seeds.
 
 # %% tags=["hide-input"]
-print(f"profile {config.name!r} with overrides {json.dumps(overrides)}; run folder {run_dir}; device {device}")
+print(f"profile {config.name!r} with overrides {json.dumps(overrides)}; "
+      f"run folder {run_dir}; device {device}")
 pd.DataFrame({"seed (notebook parameter)": [seed], "profile seed": [config.seed],
               "SynthRef seed": [config.synth_seed]})
 
@@ -103,9 +109,11 @@ rows = []
 for name, nb in notebooks.items():
     run = nb.metadata.get("papermill", {})
     rows.append({"notebook": name, "started": (run.get("start_time") or "")[:19],
-                 "seconds": run.get("duration"), "cells": sum(c.cell_type == "code" for c in nb.cells),
+                 "seconds": run.get("duration"),
+                 "cells": sum(c.cell_type == "code" for c in nb.cells),
                  "profile": run.get("parameters", {}).get("profile")})
-per_notebook = pd.DataFrame(rows, columns=["notebook", "started", "seconds", "cells", "profile"])
+per_notebook = pd.DataFrame(rows, columns=["notebook", "started", "seconds", "cells",
+                                           "profile"])
 if per_notebook.empty:
     print(f"no executed notebooks in {executed_dir} yet: run `referseg book` first")
 else:
@@ -119,8 +127,10 @@ per_notebook.round(1)
 
 # %% tags=["hide-input"]
 cells = pd.DataFrame(
-    [{"notebook": name, "cell": index, "seconds": cell.metadata.get("papermill", {}).get("duration"),
-      "first line": next((line for line in cell.source.splitlines() if line.strip()), "")[:60]}
+    [{"notebook": name, "cell": index,
+      "seconds": cell.metadata.get("papermill", {}).get("duration"),
+      "first line": next((line for line in cell.source.splitlines() if line.strip()),
+                         "")[:60]}
      for name, nb in notebooks.items()
      for index, cell in enumerate(nb.cells) if cell.cell_type == "code"],
     columns=["notebook", "cell", "seconds", "first line"],
@@ -128,7 +138,7 @@ cells = pd.DataFrame(
 cells.sort_values("seconds", ascending=False).head(10).round(2)
 
 # %% tags=["hide-cell"]
-print(cells.round(2).to_string(index=False))
+print(cells.round(2).to_string(index=False, max_colwidth=40))
 
 # %% [markdown]
 # ## Exercises
@@ -138,25 +148,28 @@ print(cells.round(2).to_string(index=False))
 # ```{admonition} Solution
 # :class: dropdown
 #
-# Sort the two tables above by `seconds`. Training notebooks usually dominate; within them,
-# the cell that caches backbone features or runs the training loop.
+# Sort the two tables above by `seconds`. Training notebooks usually dominate; within
+# them, the cell that caches backbone features or runs the training loop.
 # ```
 #
-# 2. Re-run `referseg book` without changing anything. What happens to the timings on this page?
+# 2. Re-run `referseg book` without changing anything. What happens to the timings on
+#    this page?
 #
 # ```{admonition} Solution
 # :class: dropdown
 #
-# Nothing: every notebook, this one included, is skipped because its source, its parameters
-# and the package are unchanged, so the page keeps the timings of the run that produced it.
+# Nothing: every notebook, this one included, is skipped because its source, its
+# parameters and the package are unchanged, so the page keeps the timings of the run
+# that produced it.
 # ```
 #
-# 3. Two machines print different package versions above but the same seeds. Should the results match?
+# 3. Two machines print different package versions above but the same seeds. Should the
+#    results match?
 #
 # ```{admonition} Solution
 # :class: dropdown
 #
-# Not bit for bit: the same seeds fix the random choices, but kernels (BLAS, cuDNN, OpenCV's
-# resize) may change between versions and devices. Expect agreement to within run-to-run noise,
-# and record versions (this page) whenever you report a number.
+# Not bit for bit: the same seeds fix the random choices, but kernels (BLAS, cuDNN,
+# OpenCV's resize) may change between versions and devices. Expect agreement to within
+# run-to-run noise, and record versions (this page) whenever you report a number.
 # ```

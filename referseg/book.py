@@ -2,7 +2,8 @@
 
 Conventions the notebooks follow (``notebooks/NN_name.py``, jupytext py:percent):
 - one cell tagged ``parameters`` assigns ``profile``, ``run_dir``, ``device``, ``seed``
-  and ``overrides`` (a dict of profile overrides); papermill injects the real values;
+  and ``overrides`` (a dict of profile overrides), one ``name: type = value  # meaning``
+  a line; papermill injects the real values in a cell of its own, which the book hides;
 - notebooks hand results to later ones through files in ``run_dir``, so when one
   notebook re-runs, every later one re-runs too;
 - exercise solutions are cells tagged ``solution`` (code cells also ``hide-cell`` so the
@@ -32,6 +33,7 @@ PARAMETERS = ("profile", "run_dir", "device", "seed", "overrides")
 NOTEBOOK_GLOB = "[0-9][0-9]_*.py"
 EXECUTED_DIR = Path("book") / "notebooks"  # executed notebooks, relative to the root (git-ignored)
 PLACEHOLDERS = {"code": "# Your solution here.\n", "markdown": "*Your answer here.*"}
+INJECTED_TAG, HIDE_TAG = "injected-parameters", "remove-cell"  # papermill's tag; myst-nb's
 LOCK_FILE = "requirements.lock"  # pip constraints: the versions the book was built with (make lock)
 # Left unpinned in the lock (written as comments): the local torch build and what it brings with it.
 UNPINNED = ("torch", "torchvision", "triton")
@@ -60,12 +62,18 @@ def read_notebook(path: Path) -> Any:
 
 
 def parameter_names(nb: Any) -> set[str] | None:
-    """Names assigned in the cell tagged ``parameters``; None when there is no such cell."""
+    """Names assigned in the cell tagged ``parameters`` (``name = value`` or, annotated,
+    ``name: type = value``); None when there is no such cell."""
     for cell in nb.cells:
         if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
             names = set()
             for node in ast.parse(cell.source).body:
-                targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+                if isinstance(node, ast.Assign):
+                    targets = node.targets
+                elif isinstance(node, ast.AnnAssign) and node.value is not None:
+                    targets = [node.target]
+                else:
+                    continue  # imports (typing), bare annotations: no parameter
                 names |= {t.id for t in targets if isinstance(t, ast.Name)}
             return names
     return None
@@ -176,14 +184,33 @@ def fingerprint(source: str, parameters: dict[str, Any], package: str) -> str:
 
 
 def execute(nb: Any, output: Path, parameters: dict[str, Any], cwd: Path) -> float:
-    """Execute one notebook with papermill (python3 kernel, working directory ``cwd``); seconds taken."""
+    """Execute one notebook with papermill (python3 kernel, working directory ``cwd``); seconds taken.
+
+    The cell papermill injects with the run's parameters is kept in the executed notebook
+    but tagged ``remove-cell``: the book shows the chapter's own parameters cell only.
+    """
+    import nbformat
     import papermill
 
     start = time.perf_counter()
     output.parent.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(nb, output, parameters=parameters, kernel_name="python3", language="python",
-                               cwd=cwd, progress_bar=True)
+    executed = papermill.execute_notebook(nb, output, parameters=parameters, kernel_name="python3",
+                                          language="python", cwd=cwd, progress_bar=True)
+    if hide_injected_parameters(executed):
+        atomic_write_text(output, nbformat.writes(executed))
     return time.perf_counter() - start
+
+
+def hide_injected_parameters(nb: Any) -> bool:
+    """Tag papermill's ``injected-parameters`` cell ``remove-cell`` (plumbing, not an idea of
+    the chapter); whether a cell was tagged."""
+    changed = False
+    for cell in nb.cells:
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if INJECTED_TAG in tags and HIDE_TAG not in tags:
+            tags.append(HIDE_TAG)
+            changed = True
+    return changed
 
 
 def source_cell(nb: Any, executed_index: int) -> int:

@@ -46,32 +46,37 @@ def iou_from_counts(intersections: Sequence[int] | np.ndarray, unions: Sequence[
     return np.divide(inter, union, out=np.full_like(inter, empty), where=union > 0)
 
 
-def overall_iou(intersections: Sequence | np.ndarray, unions: Sequence | np.ndarray, axis: int = -1
-                ) -> float | np.ndarray:
-    """SPEC 1 overall IoU, sum I / sum U along ``axis`` (a float for 1-D counts, else an array of
-    them); 1 where every union is empty, as :func:`iou_from_counts`."""
+def overall_iou(intersections: Sequence | np.ndarray, unions: Sequence | np.ndarray,
+                axis: int = -1) -> float | np.ndarray:
+    """SPEC 1 overall IoU, sum I / sum U along ``axis`` (a float for 1-D counts, else an
+    array of them); 1 where every union is empty, as :func:`iou_from_counts`."""
     inter = np.asarray(intersections, dtype=np.float64).sum(axis=axis)
     union = np.asarray(unions, dtype=np.float64).sum(axis=axis)
     result = iou_from_counts(inter, union)
     return float(result) if result.ndim == 0 else result
 
 
-def summarize(intersections: Sequence[int] | np.ndarray, unions: Sequence[int] | np.ndarray,
+def summarize(intersections: Sequence[int] | np.ndarray,
+              unions: Sequence[int] | np.ndarray,
               empty: float = 1.0) -> dict[str, float]:
-    """The SPEC 1 summary from per-sample counts: overall IoU = sum I / sum U, mean IoU, precision@t.
+    """The SPEC 1 summary from per-sample counts: overall IoU = sum I / sum U, mean IoU,
+    precision@t.
 
     ``empty`` is the IoU of a sample with an empty union (:func:`iou_from_counts`).
     """
     inter = np.asarray(intersections, dtype=np.int64)
     union = np.asarray(unions, dtype=np.int64)
     if inter.shape != union.shape or inter.ndim != 1:
-        raise ValueError(f"expected two 1-D count arrays of one length, got {inter.shape} and {union.shape}")
+        raise ValueError(f"expected two 1-D count arrays of one length, "
+                         f"got {inter.shape} and {union.shape}")
     if len(inter) == 0:
         raise ValueError("nothing to evaluate: no samples")
     iou = iou_from_counts(inter, union, empty)
-    summary = {"overall_iou": float(overall_iou(inter, union)), "mean_iou": float(iou.mean())}
+    summary = {"overall_iou": float(overall_iou(inter, union)),
+               "mean_iou": float(iou.mean())}
     for t in PRECISION_THRESHOLDS:
-        # A small tolerance so that an IoU of exactly t (e.g. 3/5 = 0.6) counts despite rounding.
+        # A small tolerance, so that an IoU of exactly t (e.g. 3/5 = 0.6) counts despite
+        # rounding.
         summary[f"precision@{t}"] = float(np.mean(iou >= t - 1e-12))
     return summary
 

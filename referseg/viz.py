@@ -186,12 +186,31 @@ def one_pair_per_region(pairs: Sequence[Any], limit: int | None = None) -> list[
 # --------------------------------------------------------------------------- figures
 
 
-def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, ncols: int = 3,
-               width: float = 3.4, cmap: str | None = None, suptitle: str | None = None,
-               vmin: float | None = None, vmax: float | None = None) -> matplotlib.figure.Figure:
-    """Images (RGB or 2-D maps) in a grid with wrapped titles and no axes."""
+TITLE_LINE = 1.3  # height of a title line, in font sizes
+TITLE_CHAR = 0.6  # width of an average title character, in font sizes (DejaVu Sans: about 0.55)
+
+
+def wrap_title(title: str, chars: int, max_lines: int) -> str:
+    """``title`` wrapped to lines of at most ``chars`` characters, cut after ``max_lines`` lines."""
     import textwrap
 
+    lines = textwrap.wrap(str(title), max(chars, 8), break_on_hyphens=False) or [""]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = textwrap.shorten(lines[-1] + " ...", max(chars, 8), placeholder=" ...")
+    return "\n".join(lines)
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, ncols: int = 3,
+               width: float = 3.4, cmap: str | None = None, suptitle: str | None = None,
+               vmin: float | None = None, vmax: float | None = None, fontsize: float = 9,
+               max_title_lines: int = 4) -> matplotlib.figure.Figure:
+    """Images (RGB or 2-D maps) in a grid with no axes, each ``width`` inches wide.
+
+    Titles wrap to the width of their column (at most ``max_title_lines`` lines), and every
+    row leaves above its images the height of its longest title, so that a title never runs
+    into the images or titles around it; one still too wide for its column is set smaller.
+    """
     import matplotlib.pyplot as plt
 
     count = len(images)
@@ -200,19 +219,40 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None
     ncols = max(1, min(ncols, count))
     nrows = -(-count // ncols)
     first = np.asarray(images[0])
-    aspect = first.shape[0] / first.shape[1]
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, width * aspect * nrows + 0.5 * nrows),
-                             squeeze=False)
-    for index, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if index >= count:
-            continue
-        ax.imshow(images[index], cmap=cmap, vmin=vmin, vmax=vmax)
-        if titles is not None:
-            ax.set_title("\n".join(textwrap.wrap(str(titles[index]), 34)), fontsize=9)
+    image_height = width * first.shape[0] / first.shape[1]
+    chars = int(width * 72 / (TITLE_CHAR * fontsize))
+    wrapped = [wrap_title(t, chars, max_title_lines) if titles is not None else "" for t in
+               (titles if titles is not None else [""] * count)]
+    line = TITLE_LINE * fontsize / 72  # inches
+    title_rows = [max(w.count("\n") + 1 if w else 0 for w in wrapped[r * ncols:(r + 1) * ncols])
+                  for r in range(nrows)]
+    title_heights = [lines * line + (0.1 if lines else 0.0) for lines in title_rows]
+    gap, margin = 0.12, 0.05  # inches between images, and around the grid
+    top = 0.45 if suptitle else margin
+    fig_width = ncols * width + (ncols - 1) * gap + 2 * margin
+    fig_height = top + sum(title_heights) + nrows * image_height + (nrows - 1) * gap + margin
+    fig = plt.figure(figsize=(fig_width, fig_height))
+    y = fig_height - top
+    for row in range(nrows):
+        y -= title_heights[row] + image_height
+        for col in range(ncols):
+            index = row * ncols + col
+            if index >= count:
+                break
+            x = margin + col * (width + gap)
+            ax = fig.add_axes((x / fig_width, y / fig_height, width / fig_width, image_height / fig_height))
+            ax.axis("off")
+            ax.imshow(images[index], cmap=cmap, vmin=vmin, vmax=vmax)
+            if wrapped[index]:
+                ax.set_title(wrapped[index], fontsize=fontsize, pad=5)
+        y -= gap
     if suptitle:
-        fig.suptitle(suptitle)
-    fig.tight_layout()
+        fig.suptitle(suptitle, y=1 - 0.08 / fig_height, va="top")
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        extent = ax.title.get_window_extent(renderer)
+        if ax.get_title() and extent.width > width * fig.dpi:
+            ax.title.set_fontsize(fontsize * width * fig.dpi / extent.width)
     return fig
 
 
@@ -326,6 +366,43 @@ def precision_curve(ious: Mapping[str, np.ndarray], ax: matplotlib.axes.Axes | N
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     return ax
+
+
+def print_wrapped(text: str, width: int = 88) -> None:
+    """Print ``text`` in lines of at most ``width`` characters (the book's code column),
+    continuation lines indented by two spaces."""
+    import textwrap
+
+    print(textwrap.fill(text, width, subsequent_indent="  ", break_on_hyphens=False))
+
+
+def dash_missing(frame: pd.DataFrame, mark: str = "\u2013") -> pd.DataFrame:
+    """``frame`` for display, with every missing value (NaN, None) shown as ``mark``, an en
+    dash by default: a value that does not apply, or was not reported, is not a number."""
+    return frame.astype(object).where(frame.notna(), mark)
+
+
+def glue_figure(name: str, figure: Any = None) -> None:
+    """Show a figure once and hand it to the book under ``name``: the chapter's text places it
+    with ``{glue:figure} name`` as a numbered figure with a caption (tag the cell
+    ``remove-output``, so that the book shows it there only). ``figure`` is a matplotlib
+    figure or axes (default: the current figure); it is closed afterwards."""
+    import matplotlib.pyplot as plt
+
+    if figure is None:
+        figure = plt.gcf()
+    if isinstance(figure, np.ndarray):  # an array of axes
+        figure = figure.flat[0]
+    figure = getattr(figure, "figure", figure)  # axes -> their figure
+    try:
+        from myst_nb import glue
+    except ImportError:  # outside the book's environment: only show it
+        from IPython.display import display
+
+        display(figure)
+    else:
+        glue(name, figure, display=True)
+    plt.close(figure)
 
 
 # --------------------------------------------------------------------------- ablation results

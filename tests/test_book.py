@@ -8,11 +8,13 @@ the tests never touch a developer's ``book/notebooks``, ``runs`` or ``_build``.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import re
 import shutil
-import warnings
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -21,10 +23,13 @@ import pytest
 from PIL import Image
 
 from referseg.book import (
+    HIDE_TAG,
+    INJECTED_TAG,
     PARAMETERS,
     PLACEHOLDERS,
     build_book,
     build_html_book,
+    hide_injected_parameters,
     lock_summary,
     lock_text,
     notebook_sources,
@@ -99,7 +104,8 @@ never_reached = True
 
 def make_project(dest: Path, notebooks: dict[str, str] | None = None) -> Path:
     """The book's config and prose copied into ``dest`` with the repository's notebooks and TOC,
-    or with the given ``{name: jupytext source}`` notebooks and a TOC listing exactly those."""
+    or with the given ``{name: jupytext source}`` notebooks and a TOC listing exactly those.
+    The package's sources come too: the method chapter includes their code."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy(REPO / name, dest / name)
@@ -107,6 +113,7 @@ def make_project(dest: Path, notebooks: dict[str, str] | None = None) -> Path:
     for path in [*(REPO / "book").glob("*.md"), REPO / "book" / "references.bib"]:
         shutil.copy(path, dest / "book" / path.name)
     shutil.copytree(REPO / "book" / "_static", dest / "book" / "_static")
+    shutil.copytree(REPO / "referseg", dest / "referseg", ignore=shutil.ignore_patterns("__pycache__"))
     (dest / "notebooks").mkdir()
     if notebooks is None:
         for path in notebook_sources(REPO):
@@ -145,6 +152,108 @@ def test_every_notebook_has_a_parameters_cell():
 
 def test_toc_lists_exactly_the_notebooks():
     assert sorted(toc_notebooks(REPO)) == [p.stem for p in notebook_sources(REPO)]
+
+
+def test_annotated_parameters_are_parameters_too():
+    cell = nbformat.v4.new_code_cell(
+        "from typing import Optional\n\n"
+        'profile: str = "cpu"  # paper, cpu or smoke\n'
+        "seeds: Optional[list[int]] = None  # e.g. [0, 1]\n"
+        "threads: int  # annotated, never assigned: no parameter\n"
+        "seed = 0\n",
+        metadata={"tags": ["parameters"]})
+    assert parameter_names(nbformat.v4.new_notebook(cells=[cell])) == {"profile", "seeds", "seed"}
+
+
+def parameters_cell(nb) -> nbformat.NotebookNode:
+    return next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+
+
+@pytest.mark.parametrize("path", notebook_sources(REPO), ids=lambda path: path.name)
+def test_every_parameter_has_a_type_and_a_meaning(path, tmp_path):
+    """Each parameter reads ``name: type = default  # meaning``, on one line, so that
+    ``papermill --help-notebook`` lists its name, type, default and meaning."""
+    import papermill
+
+    source = parameters_cell(read_notebook(path)).source
+    lines = source.splitlines()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue  # typing, for the annotations
+        assert isinstance(node, ast.AnnAssign) and node.value is not None, (
+            f"{path.name}, line {node.lineno} of the parameters cell: write `name: type = value  # meaning`")
+        assert node.lineno == node.end_lineno, f"{path.name}: {node.target.id} spans several lines"
+        assert "  # " in lines[node.lineno - 1], f"{path.name}: {node.target.id} has no comment saying what it is"
+    notebook = tmp_path / f"{path.stem}.ipynb"
+    nbformat.write(read_notebook(path), notebook)
+    inferred = papermill.inspect_notebook(str(notebook))
+    assert set(inferred) == parameter_names(read_notebook(path))
+    for name, parameter in inferred.items():
+        assert parameter["inferred_type_name"] not in ("None", ""), f"{path.name}: {name} has no type for papermill"
+        assert parameter["help"], f"{path.name}: {name} has no meaning for papermill"
+
+
+def test_the_injected_parameters_cell_is_tagged_to_be_removed():
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("profile = 'cpu'", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("profile = 'smoke'", metadata={"tags": [INJECTED_TAG]}),
+        nbformat.v4.new_code_cell("print(profile)")])
+    assert hide_injected_parameters(nb)
+    assert [c.metadata.get("tags", []) for c in nb.cells] == [["parameters"], [INJECTED_TAG, HIDE_TAG], []]
+    assert not hide_injected_parameters(nb)  # already tagged
+
+
+LITERALINCLUDE = re.compile(r"^(?P<fence>`{3,}|:{3,})\{literalinclude\}\s+(?P<file>\S+)\s*\n"
+                            r"(?P<options>(?:[ \t]*:[\w-]+:.*\n)*)", re.MULTILINE)
+
+
+def included_objects() -> list[tuple[str, Path, str, bool]]:
+    """``(page, file, object, dedent)`` of every ``literalinclude`` with ``:pyobject:`` in book/*.md."""
+    found = []
+    for page in sorted((REPO / "book").glob("*.md")):
+        for match in LITERALINCLUDE.finditer(page.read_text()):
+            options = dict(re.findall(r"^[ \t]*:([\w-]+):[ \t]*(.*)$", match["options"], re.MULTILINE))
+            if "pyobject" in options:
+                found.append((page.name, (page.parent / match["file"]).resolve(), options["pyobject"].strip(),
+                              "dedent" in options))
+    return found
+
+
+def object_lines(path: Path, dotted: str) -> list[str] | None:
+    """The source lines of a function, class or ``Class.method`` of a module (decorators
+    included), or None when the module has no such object."""
+    source = path.read_text()
+    body, node = ast.parse(source).body, None
+    for name in dotted.split("."):
+        node = next((n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                     and n.name == name), None)
+        if node is None:
+            return None
+        body = node.body
+    start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    return source.splitlines()[start - 1:node.end_lineno]
+
+
+def test_the_method_chapter_shows_the_package_code():
+    objects = {(path.relative_to(REPO).as_posix(), name) for page, path, name, _ in included_objects()
+               if page == "method.md"}
+    expected = {("referseg/model/segmenter.py", "spatial_channels"), ("referseg/model/segmenter.py", "Segmenter.forward"),
+                ("referseg/model/segmenter.py", "bilinear_kernel"), ("referseg/losses.py", "weighted_sigmoid_ce"),
+                ("referseg/data/transforms.py", "letterbox_image"), ("referseg/data/transforms.py", "undo_letterbox"),
+                ("referseg/data/transforms.py", "prediction_mask"), ("referseg/metrics.py", "overall_iou"),
+                ("referseg/metrics.py", "summarize")}
+    assert expected <= objects, f"book/method.md does not show {sorted(expected - objects)}"
+
+
+@pytest.mark.parametrize("page, path, name, dedent", [
+    pytest.param(*included, id=f"{included[0]}:{included[2]}") for included in included_objects()])
+def test_every_included_object_exists_and_fits_the_code_column(page, path, name, dedent):
+    assert path.is_file(), f"book/{page} includes {path}, which does not exist"
+    lines = object_lines(path, name)
+    assert lines is not None, f"book/{page} includes {name} from {path.name}, which has no such object"
+    indent = min(len(line) - len(line.lstrip()) for line in lines if line.strip()) if dedent else 0
+    wide = [line.strip() for line in lines if len(line) - indent > 88]
+    assert not wide, f"book/{page}: {name} has lines wider than the book's code column (88): {wide}"
 
 
 # ---------------------------------------------------------------------------- validation (fast)
@@ -310,13 +419,72 @@ def test_every_notebook_runs_under_smoke_and_the_book_builds_without_warnings(bu
         assert papermill.exception is not True
         assert papermill.parameters == {"profile": "smoke", "run_dir": "runs/smoke", "device": "auto",
                                         "seed": 0, "overrides": {}}
-        assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+        injected = [c for c in executed.cells if INJECTED_TAG in c.metadata.get("tags", [])]
+        assert len(injected) == 1 and HIDE_TAG in injected[0].metadata.tags
         assert (html / "book" / "notebooks" / f"{path.stem}.html").exists()
         assert re.search(rf"^{path.stem} +\d+\.\d s$", out, re.MULTILINE), out
     for page in ("intro", "method", "data", "paper_profile", "teaching", "appendix", "bibliography"):
         assert (html / "book" / f"{page}.html").exists()
     bibliography = (html / "book" / "bibliography.html").read_text()
     assert "Segmentation from Natural Language Expressions" in bibliography
+
+
+@pytest.mark.slow
+def test_the_book_shows_no_injected_parameters_cell(built_book):
+    root, code, _ = built_book
+    assert code == 0
+    for path in notebook_sources(root):
+        page = (root / "_build" / "html" / "book" / "notebooks" / f"{path.stem}.html").read_text()
+        assert "tag_parameters" in page, f"{path.stem}: the chapter's own parameters cell is missing"
+        assert f"tag_{INJECTED_TAG}" not in page, f"{path.stem}: papermill's injected cell is on the page"
+        assert '<span class="c1"># Parameters</span>' not in page, f"{path.stem}: the injected cell's code is shown"
+
+
+TABLE_CELL = re.compile(r"<t[dh]\b[^>]*>(.*?)</t[dh]>", re.DOTALL)
+
+
+@pytest.mark.slow
+def test_no_table_of_a_chapter_shows_nan(built_book):
+    root, code, _ = built_book
+    assert code == 0
+    found = []
+    for page in sorted((root / "_build" / "html" / "book").rglob("*.html")):
+        for cell in TABLE_CELL.findall(page.read_text()):
+            text = re.sub(r"<[^>]+>", "", cell).strip()
+            if text.lower() in ("nan", "<na>", "nat") or re.search(r"\bNaN\b", text):
+                found.append(f"{page.relative_to(root / '_build' / 'html')}: {text!r}")
+    assert found == [], "table cells without a number show NaN: " + "; ".join(found)
+
+
+@pytest.mark.slow
+def test_papermill_lists_each_parameter_with_its_type_default_and_meaning(built_book):
+    root, code, _ = built_book
+    assert code == 0
+    executed = root / "book" / "notebooks" / "04_stage1_low_resolution.ipynb"
+    papermill = Path(sys.executable).with_name("papermill")
+    result = subprocess.run([str(papermill), "--help-notebook", str(executed)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = " ".join(result.stdout.split())
+    for listed in ('profile: str (default "cpu") paper, cpu or smoke', "seed: int (default 0)",
+                   "overrides: dict (default {})", "retrain: bool (default False)"):
+        assert listed in out, result.stdout
+
+
+@pytest.mark.slow
+def test_figures_are_numbered_and_referenced_in_every_chapter(built_book):
+    root, code, _ = built_book
+    assert code == 0
+    for path in notebook_sources(root):
+        if path.stem == "99_appendix":
+            continue  # tables only
+        page = (root / "_build" / "html" / "book" / "notebooks" / f"{path.stem}.html").read_text()
+        figures = re.findall(r'<figure[^>]*id="(fig-[\w-]+)"', page)
+        assert figures, f"{path.stem} has no numbered figure"
+        assert re.search(r'<span class="caption-number">Fig\. \d+ </span>', page)
+        for name in figures:
+            assert f'href="#{name}"' in page.replace(f'href="#{name}" title="Link to this image"', ""), (
+                f"{path.stem}: the text never refers to figure {name}")
 
 
 @pytest.mark.slow
@@ -361,8 +529,7 @@ def test_screenshot_of_the_built_book_shows_its_table(built_book):
     png = root / "_build" / "screenshots" / "page.png"
     html = root / "_build" / "html"
     page = default_page(html)
-    assert screenshot_main([str(html), "--page", page.relative_to(html).as_posix(), "--out", str(png),
-                            "--ignore", "wide_code"]) == 0
+    assert screenshot_main([str(html), "--page", page.relative_to(html).as_posix(), "--out", str(png)]) == 0
     assert Image.open(png).size == (1280, 2400)
     assert check_screenshot(page, png) == []
     assert not list(page.parent.glob(".screenshot-*")), "left a temporary copy of the page"
@@ -378,13 +545,7 @@ def test_every_page_of_the_built_book_passes_the_browser_checks(built_book):
     pages = {report.page for report in reports}
     assert {"book/intro.html", "book/method.html", "book/notebooks/07_evaluation.html", "search.html"} <= pages
     assert len(pages) == len(book_pages(html))
-    # The notebooks' lines are not all wrapped at 88 characters yet: name the pages with code
-    # wider than its column, without failing on them.
-    wide = [report.page for report in reports if report.wide_code]
-    if wide:
-        warnings.warn(f"code wider than its column at 1280 px on {len(wide)} pages: {', '.join(wide)}",
-                      stacklevel=1)
-    failed = {report.page: report.failed(ignore=("wide_code",)) for report in reports}
+    failed = {report.page: report.failed() for report in reports}  # wide code included
     assert {page: checks for page, checks in failed.items() if checks} == {}, (
         results_table(reports) + "\n" + findings_text(reports))
 

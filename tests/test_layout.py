@@ -1,5 +1,5 @@
 """The package's shape: its import order, module sizes, one image decoder, and notebooks that reuse
-the package's functions instead of defining their own copies."""
+the package's functions instead of defining their own copies and whose lines fit the book."""
 
 from __future__ import annotations
 
@@ -148,3 +148,17 @@ def test_notebooks_do_not_redefine_package_functions(notebook):
               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in names]
     assert not copies, (f"{relative(notebook)} defines functions the package already has; import them instead: "
                         + ", ".join(copies))
+
+
+# --- (5) notebooks that fit the book's code column ----------------------------------------------
+
+NOTEBOOK_LINE = 88  # characters: what a code block of the book holds at a 1280 px window
+
+
+@pytest.mark.parametrize("notebook", notebook_sources(), ids=lambda path: path.name)
+def test_notebook_lines_fit_the_books_code_column(notebook):
+    wide = [f"line {number} ({len(line)} characters)"
+            for number, line in enumerate(notebook.read_text(encoding="utf-8").splitlines(), 1)
+            if len(line) > NOTEBOOK_LINE]
+    assert not wide, (f"{relative(notebook)} has lines longer than {NOTEBOOK_LINE} characters, which "
+                      f"scroll in the book (wrap them by hand): {', '.join(wide)}")

@@ -8,6 +8,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -165,6 +166,45 @@ def test_grids_make_one_visible_axis_per_image():
         viz.channel_grid(maps[0])
 
 
+def drawn_boxes(fig) -> tuple[list, list, object]:
+    """Window extents of the image axes and of their titles (None without one), and the suptitle's."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes = [ax for ax in fig.axes if ax.images]
+    titles = [ax.title.get_window_extent(renderer) if ax.get_title() else None for ax in axes]
+    suptitle = fig._suptitle.get_window_extent(renderer) if fig._suptitle else None
+    return [ax.get_window_extent(renderer) for ax in axes], titles, suptitle
+
+
+@pytest.mark.parametrize("ncols, width", [(3, 3.4), (4, 2.6), (5, 1.6), (1, 3.2)])
+def test_grid_titles_never_overlap_images_or_each_other(ncols, width):
+    # captions as long as chapter 1's: one expression per region, up to six regions
+    words = ["the red circle on the left", "sky", "the biggest star", "the blue square",
+             "gravel at the bottom", "leftmost triangle"]
+    captions = [" | ".join(f'"{w}"' for w in words[:k]) for k in (6, 1, 4, 6, 2, 5, 3)]
+    images = [gradient_image(360, 480)] * 6 + [gradient_image(480, 360)]
+    fig = viz.image_grid(images, captions, ncols=ncols, width=width, suptitle="a long suptitle")
+    boxes, titles, suptitle = drawn_boxes(fig)
+    assert len(boxes) == len(images)
+    frame = fig.bbox
+    for i, title in enumerate(titles):
+        assert title is not None
+        assert frame.x0 - 1 <= title.x0 and title.x1 <= frame.x1 + 1 and title.y1 <= frame.y1 + 1
+        assert not title.overlaps(suptitle), f"title {i} runs into the suptitle"
+        for j, other in enumerate(boxes):
+            assert not title.overlaps(other), f"title {i} runs into image {j}"
+        for j, other in enumerate(titles):
+            assert j == i or not title.overlaps(other), f"title {i} runs into title {j}"
+    shown = [ax.get_title() for ax in fig.axes if ax.images]
+    assert all(len(line) <= int(width * 72 / (viz.TITLE_CHAR * 9)) for t in shown for line in t.split("\n"))
+    assert all(t.count("\n") < 4 for t in shown)  # at most four lines, the rest cut with "..."
+
+
+def test_a_title_is_cut_after_its_last_line():
+    assert viz.wrap_title("one two three four five six", 9, 2) == "one two\nthree ..."
+    assert viz.wrap_title("short", 20, 1) == "short"
+
+
 def test_training_curves_plot_loss_and_learning_rate():
     records = [{"iteration": i, "loss": 1 / i, "lr": 0.01 if i <= 10 else 0.001} for i in (1, 5, 10, 15, 20)]
     ax = viz.plot_training_curves({"stage 1": records, "stage 2": records}, offsets={"stage 2": 20})
@@ -225,3 +265,25 @@ def test_plot_group_shows_the_reference_and_the_differences():
     assert labels == ["reference", "spatial channels: 0 channels", "L2 normalisation: off"]
     assert axes[0].figure.get_suptitle() == "two questions"
     assert len(axes[1].containers) == 1  # one error bar series: the "all" subset
+
+
+def test_missing_values_show_as_a_dash():
+    frame = pd.DataFrame({"overall IoU": [48.03, 12.5], "mean IoU": [np.nan, 11.25]},
+                         index=["published", "this run"])
+    shown = viz.dash_missing(frame)
+    assert shown.loc["published", "mean IoU"] == "\u2013" and shown.loc["this run", "mean IoU"] == 11.25
+    assert "NaN" not in shown.to_html() and frame["mean IoU"].isna().sum() == 1  # a copy
+
+
+def test_printed_text_fits_the_code_column(capsys):
+    viz.print_wrapped("word " * 40 + "end")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) > 1 and all(len(line) <= 88 for line in lines)
+    assert all(line.startswith("  ") for line in lines[1:])
+
+
+def test_a_glued_figure_is_shown_once_and_closed(capsys):
+    fig, ax = plt.subplots()
+    viz.glue_figure("fig-test", ax)
+    assert not plt.fignum_exists(fig.number)
+    assert capsys.readouterr().out.count("<Figure") == 1  # outside a kernel: its text form

@@ -16,7 +16,7 @@ import torch
 
 @dataclass(frozen=True)
 class Letterbox:
-    """Where an ``height x width`` image lands inside the ``size x size`` square (SPEC 3)."""
+    """Where a ``height x width`` image lands in the ``size x size`` square (SPEC 3)."""
 
     height: int
     width: int
@@ -28,7 +28,7 @@ class Letterbox:
 
     @property
     def resized(self) -> tuple[int, int]:
-        """(h, w) after the aspect-keeping resize: round(h * scale), round(w * scale)."""
+        """(h, w) after the resize: round(h * scale), round(w * scale)."""
         return int(round(self.height * self.scale)), int(round(self.width * self.scale))
 
     @property
@@ -59,7 +59,8 @@ def _resize(array: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def letterbox_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize keeping aspect ratio and zero-pad centred to ``size x size``; float32, 0-255."""
+    """Resize keeping the aspect ratio and zero-pad, centred, to ``size x size``;
+    float32, 0-255."""
     image = to_rgb(image)
     box = Letterbox(image.shape[0], image.shape[1], size)
     rh, rw = box.resized
@@ -99,7 +100,8 @@ def lowres_labels(mask: np.ndarray, grid: int, mode: str = "or") -> np.ndarray:
     """
     size = mask.shape[0]
     if mask.shape != (size, size) or size % grid:
-        raise ValueError(f"mask of shape {mask.shape} cannot be pooled to a {grid}x{grid} grid")
+        raise ValueError(f"mask of shape {mask.shape} cannot be pooled "
+                         f"to a {grid}x{grid} grid")
     s = size // grid
     if mode == "or":
         return mask.reshape(grid, s, grid, s).any(axis=(1, 3))
@@ -124,7 +126,8 @@ def undo_letterbox(square: np.ndarray, height: int, width: int) -> np.ndarray:
     return resized[top : top + height, left : left + width]
 
 
-def prediction_mask(square_logits: np.ndarray, height: int, width: int, mode: str = "logits") -> np.ndarray:
+def prediction_mask(square_logits: np.ndarray, height: int, width: int,
+                    mode: str = "logits") -> np.ndarray:
     """Boolean mask at the original size from ``size x size`` logits (SPEC 1).
 
     ``logits`` (default): undo the letterbox on the logits, then logit > 0.
@@ -134,5 +137,6 @@ def prediction_mask(square_logits: np.ndarray, height: int, width: int, mode: st
     if mode == "logits":
         return undo_letterbox(square_logits, height, width) > 0
     if mode == "official":
-        return undo_letterbox((square_logits >= 1e-9).astype(np.float32), height, width) > 0
+        binary = (square_logits >= 1e-9).astype(np.float32)
+        return undo_letterbox(binary, height, width) > 0
     raise ValueError(f"evaluation mode {mode!r}: use 'logits' or 'official'")

@@ -23,14 +23,16 @@ from referseg.model.language import LanguageEncoder
 
 
 def spatial_channels(grid: int, n: int) -> torch.Tensor:
-    """The (n, grid, grid) coordinate channels of SPEC 4; x varies along the last (width) axis.
+    """The (n, grid, grid) coordinate channels of SPEC 4; x varies along the last axis.
 
-    n=8: the official code's [xmin, ymin, xmax, ymax, xctr, yctr, 1/W, 1/H], cell edges in [-1, 1];
-    n=2: the paper's (x, y) cell centres; n=0: none (ablation).
+    n=8: the official code's [xmin, ymin, xmax, ymax, xctr, yctr, 1/W, 1/H], cell edges
+    in [-1, 1]; n=2: the paper's (x, y) cell centres; n=0: none (ablation).
     """
     if n not in (0, 2, 8):
-        raise ValueError(f"spatial channels n={n}: use 8 (official code), 2 (paper) or 0 (ablation)")
-    edges = torch.arange(grid + 1, dtype=torch.float64) * 2 / grid - 1  # 2w/W - 1, w = 0..W
+        raise ValueError(f"spatial channels n={n}: "
+                         "use 8 (official code), 2 (paper) or 0 (ablation)")
+    # cell edges 2w/W - 1, w = 0..W
+    edges = torch.arange(grid + 1, dtype=torch.float64) * 2 / grid - 1
     low, high = edges[:-1], edges[1:]
     centre = (low + high) / 2
     ones = torch.ones(grid, grid, dtype=torch.float64)
@@ -43,7 +45,7 @@ def spatial_channels(grid: int, n: int) -> torch.Tensor:
 
     if n == 8:
         channels = [along_x(low), along_y(low), along_x(high), along_y(high),
-                    along_x(centre), along_y(centre), ones / grid, ones / grid]  # fmt: skip
+                    along_x(centre), along_y(centre), ones / grid, ones / grid]
     elif n == 2:
         channels = [along_x(centre), along_y(centre)]
     else:
@@ -52,8 +54,10 @@ def spatial_channels(grid: int, n: int) -> torch.Tensor:
 
 
 def bilinear_kernel(stride: int) -> torch.Tensor:
-    """(2s, 2s) bilinear upsampling kernel outer(f, f), f = [0, 1/s, ..., 1, ..., 1/s] (SPEC 4)."""
-    f = 1 - (torch.arange(2 * stride, dtype=torch.float64) - stride).abs() / stride  # peak 1 at index s
+    """(2s, 2s) bilinear upsampling kernel outer(f, f), f = [0, 1/s, ..., 1, ..., 1/s]
+    (SPEC 4)."""
+    k = torch.arange(2 * stride, dtype=torch.float64)
+    f = 1 - (k - stride).abs() / stride  # peak 1 at index s
     return torch.outer(f, f).float()
 
 
@@ -123,9 +127,9 @@ class Segmenter(nn.Module):
         if (height, width) != tuple(self.spatial.shape[1:]):
             grid = self.spatial.shape[1]
             raise ValueError(
-                f"visual feature map is {height}x{width} but the profile's grid is {grid}x{grid}; "
-                f"feed {self.profile.input_size}x{self.profile.input_size} images "
-                f"(profile {self.profile.name!r})"
+                f"visual feature map is {height}x{width} but the profile's grid is "
+                f"{grid}x{grid}; feed {self.profile.input_size}x{self.profile.input_size} "
+                f"images (profile {self.profile.name!r})"
             )
         return visual
 
@@ -138,13 +142,14 @@ class Segmenter(nn.Module):
         visual: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, g, g), or (B, S, S) when ``high_res``; give exactly one of images / features / visual.
+        """Logits (B, g, g), or (B, S, S) when ``high_res``.
 
-        ``visual`` is :meth:`visual_map` of some images; ``image_index`` (B,) picks each
-        expression's image among them (default: one image per expression, in order).
+        Give exactly one of images, features or visual. ``visual`` is :meth:`visual_map`
+        of some images; ``image_index`` (B,) picks each expression's image among them
+        (default: one image per expression, in order).
         """
         if sum(given is not None for given in (images, features, visual)) != 1:
-            raise ValueError("Segmenter.forward needs exactly one of images=, features= or visual=")
+            raise ValueError("give exactly one of images=, features=, visual=")
         if visual is None:
             if features is None:
                 features = self.backbone_features(images)
@@ -157,17 +162,20 @@ class Segmenter(nn.Module):
             logits = self.upsample(logits)  # (B, 1, S, S)
         return logits[:, 0]
 
-    def classify(self, text: torch.Tensor, visual: torch.Tensor, spatial: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 1, h, w) of the fused ``[L2(text) tiled, L2(visual), spatial]`` (SPEC 4).
+    def classify(self, text: torch.Tensor, visual: torch.Tensor,
+                 spatial: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, h, w) of the fused ``[L2(text) tiled, L2(visual), spatial]``.
 
-        ``text`` is (B, d_text), ``visual`` (B, d_im, h, w), ``spatial`` (n, h, w) or (B, n, h, w).
-        Stage 0 (SPEC 5) calls it on 1 x 1 maps, one per box, so the box classifier is this one.
+        ``text`` is (B, d_text), ``visual`` (B, d_im, h, w), ``spatial`` (n, h, w) or
+        (B, n, h, w) (SPEC 4). Stage 0 (SPEC 5) calls it on 1 x 1 maps, one per box,
+        so the box classifier is this one.
         """
         batch, _, height, width = visual.shape
-        if self.profile.l2_normalize:  # SPEC 4: each vector separately, over channels, per position
+        if self.profile.l2_normalize:  # SPEC 4: each vector on its own, per position
             text = F.normalize(text, dim=1)
             visual = F.normalize(visual, dim=1)
-        text_map = text[:, :, None, None].expand(-1, -1, height, width)  # tile over the grid
+        # tile the text vector over the grid
+        text_map = text[:, :, None, None].expand(-1, -1, height, width)
         spatial = spatial.expand(batch, -1, height, width)  # not normalised (SPEC 4)
         return self.classifier(torch.cat([text_map, visual, spatial], dim=1))
 
