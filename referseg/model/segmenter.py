@@ -5,6 +5,9 @@
     [L2(text), L2(visual), spatial] --1x1 conv, ReLU, 1x1 conv--> low-res logits (B,g,g)
     --deconv (bilinear init, trained)--> high-res logits (B,S,S)
 
+With ``visual_features=False`` (the chapter "what the words alone know") there is no backbone
+and no fc6-fc8: the classifier reads [L2(text), spatial] and ``forward`` takes the tokens alone.
+
 A logit > 0 is foreground (SPEC 1). The backbone's output is a fixed function of the
 image when it is frozen, so the trainer may cache ``backbone_features`` and pass
 ``features=`` instead of ``images=``.
@@ -12,6 +15,7 @@ image when it is frozen, so the trainer may cache ``backbone_features`` and pass
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,24 +60,41 @@ def bilinear_kernel(stride: int) -> torch.Tensor:
     return torch.outer(f, f).float()
 
 
+def bilinear_upsampling(upsample: nn.ConvTranspose2d, grid: int) -> np.ndarray | None:
+    """The (S, grid) matrix U with ``upsample(Z) == U @ Z @ U.T`` while the deconvolution is its bilinear
+    initialisation (SPEC 4; a stage-1 model's is, only stage 2 trains it), else None. Column i is the
+    hat of cell i: 1 at pixel s * i + s / 2, falling to 0 one stride away (linear interpolation)."""
+    stride, pad = upsample.stride[0], upsample.padding[0]
+    kernel = upsample.weight.detach()[0, 0].cpu()
+    if upsample.weight.shape[:2] != (1, 1) or pad != stride // 2 or not torch.equal(kernel, bilinear_kernel(stride)):
+        return None
+    taps = np.arange(grid * stride)[:, None] + pad - stride * np.arange(grid)[None, :]  # kernel index of (y, i)
+    f = bilinear_kernel(stride)[stride].numpy()  # the kernel's middle row: f itself
+    return np.where((taps >= 0) & (taps < len(f)), f[taps.clip(0, len(f) - 1)], 0.0).astype(np.float32)
+
+
 class Segmenter(nn.Module):
     """Hu et al. (2016): segmentation logits from an image and a referring expression (SPEC 4)."""
 
     def __init__(self, profile: Profile, vocab_size: int):
         super().__init__()
         self.profile = profile
-        self.frozen_backbone = profile.freeze_backbone
-        # Visual features (SPEC 4): convolutions, frozen in SPEC 5, then trained fc6-fc8.
-        self.backbone = build_backbone(profile)
-        if self.backbone.stride != profile.stride:
-            raise ValueError(
-                f"backbone {profile.backbone!r} has stride {self.backbone.stride} but the profile says "
-                f"stride={profile.stride}; set stride={self.backbone.stride} in the profile"
-            )
-        if self.frozen_backbone:
-            self.backbone.requires_grad_(False)
-            self.backbone.eval()
-        self.head = build_fc_head(profile, self.backbone.out_channels)
+        self.visual_features = profile.visual_features
+        self.frozen_backbone = profile.freeze_backbone and self.visual_features
+        # Visual features (SPEC 4): convolutions, frozen in SPEC 5, then trained fc6-fc8. Without them
+        # (visual_features=False) neither exists: the classifier reads the expression and the cell's place.
+        self.backbone: nn.Module | None = build_backbone(profile) if self.visual_features else None
+        self.head: nn.Module | None = None
+        if self.backbone is not None:
+            if self.backbone.stride != profile.stride:
+                raise ValueError(
+                    f"backbone {profile.backbone!r} has stride {self.backbone.stride} but the profile says "
+                    f"stride={profile.stride}; set stride={self.backbone.stride} in the profile"
+                )
+            if self.frozen_backbone:
+                self.backbone.requires_grad_(False)
+                self.backbone.eval()
+            self.head = build_fc_head(profile, self.backbone.out_channels)
         # Language (SPEC 4): embedding + LSTM, final hidden state.
         self.text = LanguageEncoder(profile, vocab_size)
         # Spatial channels (SPEC 4): a constant, rebuilt from the profile, so not saved.
@@ -81,7 +102,7 @@ class Segmenter(nn.Module):
             "spatial", spatial_channels(profile.grid, profile.spatial_channels), persistent=False
         )
         # Classifier (SPEC 4): 1x1 conv (d_text + d_im + n) -> d_cls, ReLU, 1x1 conv -> 1 logit.
-        fused_channels = profile.d_text + profile.d_im + profile.spatial_channels
+        fused_channels = profile.d_text + profile.d_im * self.visual_features + profile.spatial_channels
         self.classifier = nn.Sequential(
             nn.Conv2d(fused_channels, profile.d_cls, kernel_size=1),
             nn.ReLU(),
@@ -100,12 +121,14 @@ class Segmenter(nn.Module):
     def train(self, mode: bool = True) -> Segmenter:
         """As nn.Module.train, but a frozen backbone stays in eval mode (fixed features, SPEC 5)."""
         super().train(mode)
-        if self.frozen_backbone:
+        if self.frozen_backbone and self.backbone is not None:
             self.backbone.eval()
         return self
 
     def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised images -> backbone features: what the trainer may cache."""
+        if self.backbone is None:
+            raise ValueError("this model has no visual features (visual_features=False): it needs no images")
         if self.frozen_backbone:
             with torch.no_grad():
                 return self.backbone(images)
@@ -118,27 +141,32 @@ class Segmenter(nn.Module):
         features: torch.Tensor | None = None,
         high_res: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, g, g), or (B, S, S) when ``high_res``; give exactly one of images / features."""
-        if (images is None) == (features is None):
+        """Logits (B, g, g), or (B, S, S) when ``high_res``; give exactly one of images / features,
+        or neither to a model without visual features (then the tokens are all it reads)."""
+        if not self.visual_features:
+            if images is not None or features is not None:
+                raise ValueError("this model has no visual features (visual_features=False): call it with "
+                                 "the tokens only")
+            visual = None
+        elif (images is None) == (features is None):
             raise ValueError("Segmenter.forward needs exactly one of images= or features=")
-        if features is None:
-            features = self.backbone_features(images)
-        visual = self.head(features)  # fc6-fc8: (B, d_im, g, g)
+        else:
+            visual = self.head(features if features is not None else self.backbone_features(images))  # fc6-fc8
         text = self.text(tokens)  # h_T: (B, d_text)
-        batch, _, height, width = visual.shape
-        if (height, width) != tuple(self.spatial.shape[1:]):
+        batch, (height, width) = len(text), self.spatial.shape[1:]
+        if visual is not None and tuple(visual.shape[2:]) != (height, width):
             grid = self.spatial.shape[1]
             raise ValueError(
-                f"visual feature map is {height}x{width} but the profile's grid is {grid}x{grid}; "
+                f"visual feature map is {visual.shape[2]}x{visual.shape[3]} but the profile's grid is {grid}x{grid}; "
                 f"feed {self.profile.input_size}x{self.profile.input_size} images "
                 f"(profile {self.profile.name!r})"
             )
         if self.profile.l2_normalize:  # SPEC 4: each vector separately, over channels, per position
             text = F.normalize(text, dim=1)
-            visual = F.normalize(visual, dim=1)
+            visual = F.normalize(visual, dim=1) if visual is not None else None
         text_map = text[:, :, None, None].expand(-1, -1, height, width)  # tile over the grid
         spatial = self.spatial.expand(batch, -1, -1, -1)  # not normalised (SPEC 4)
-        fused = torch.cat([text_map, visual, spatial], dim=1)
+        fused = torch.cat([text_map, spatial] if visual is None else [text_map, visual, spatial], dim=1)
         logits = self.classifier(fused)  # (B, 1, g, g)
         if high_res:
             logits = self.upsample(logits)  # (B, 1, S, S)
