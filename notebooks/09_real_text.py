@@ -13,13 +13,14 @@
 # %% [markdown]
 # # What the words alone know
 #
-# ReferIt's images cannot be downloaded any more, but its words can: the official
-# implementation ships every real expression of the paper's split, the box of every
-# referred region and the size of every image (SPEC §2). Those files hold no pixels, so
-# they cannot train the paper's model. They can train the paper's model **without its
-# eyes**: the same `Segmenter`, with the visual vector removed from the fusion (profile
-# option `visual_features=False`). What remains is the expression's LSTM state, tiled
-# over the $16 \times 16$ grid, next to the 8 spatial channels of each cell:
+# ReferIt's images {cite}`kazemzadeh2014referitgame` cannot be downloaded any more, but
+# its words can: the official implementation of {cite:t}`hu2016segmentation` ships every
+# real expression of the paper's split, the box of every referred region and the size of
+# every image (SPEC §2). Those files hold no pixels, so they cannot train the paper's
+# model. They can train the paper's model **without its eyes**: the same `Segmenter`,
+# with the visual vector removed from the fusion (profile option
+# `visual_features=False`). What remains is the expression's LSTM state, tiled over the
+# $16 \times 16$ grid, next to the 8 spatial channels of each cell:
 #
 # $$
 # \hat{z}_{ij} = w_2^\top \,\mathrm{ReLU}\!\left(W_1 \left[
@@ -57,6 +58,7 @@ retrain: bool = False  # True: train again even if <run_dir>/text holds the mode
 # %%
 import math
 import shutil
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -105,7 +107,7 @@ if not complete and official.is_dir():
     fetch_referit_text(text_root, from_dir=official, progress=False)
 have_text = complete or official.is_dir()
 if have_text:
-    print(f"{len(TEXT_FILES)} official text files in {text_root} (SHA-256 checked)")
+    print(f"{len(TEXT_FILES)} official text files in {text_root}\n(SHA-256 checked)")
 else:
     display(Markdown(
         f"**No ReferIt text files** in `{text_root}`, and no copy at `{official}`: "
@@ -189,8 +191,8 @@ if have_text:
 # ```{important}
 # These are **box** IoUs. The paper's figures (and every other chapter's) compare with
 # the region's **mask**; a box is larger than its region, so a box IoU is neither the
-# paper's metric nor comparable with its 48.03% overall IoU (Hu et al. 2016, Table 1;
-# SPEC §6).
+# paper's metric nor comparable with its 48.03% overall IoU
+# ({cite:t}`hu2016segmentation`, Table 1; SPEC §6).
 # ```
 
 # %%
@@ -211,10 +213,10 @@ if have_text:
     table, by_group = words_alone_table(frames)
     scored = len(frames["text-only"])
     table.attrs["source"] = f"measured here: ReferIt test, {scored} pairs, boxes, in %"
-    print(f"{scored} of {len(test)} test pairs scored in {eval_seconds:.1f} s; "
+    print(f"{scored} of {len(test)} test pairs scored in {eval_seconds:.1f} s;\n"
           f"training + evaluation: {train_seconds + eval_seconds:.1f} s (one thread)")
     for message in unknown:
-        print(message.message)
+        print(textwrap.fill(str(message.message), 88))
     display(table)
 
 # %% [markdown]
@@ -248,8 +250,9 @@ if have_text:
 
 # %%
 if have_text:
-    print("position words:", ", ".join(sorted(POSITION_WORDS)))
-    print("stuff names:", ", ".join(sorted(SAIAPR_STUFF)))
+    for name, words in (("position words", POSITION_WORDS),
+                        ("stuff names", SAIAPR_STUFF)):
+        print(textwrap.fill(f"{name}: {', '.join(sorted(words))}", 88))
     display(by_group)
     words, whole = WORDS_ALONE["text-only"], WORDS_ALONE["whole-image"]
     said = {group: f"{row[words]:.1f}% (whole image {row[whole]:.1f}%)"
