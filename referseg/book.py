@@ -255,6 +255,9 @@ def build_book(profile: str = "cpu", overrides: dict[str, Any] | None = None, st
     root = Path(root or (ROOT if (ROOT / "notebooks").is_dir() else Path.cwd())).resolve()
     overrides = dict(overrides or {})
     resolved = get_profile(profile, **overrides)  # ValueError naming the valid profiles / parameters
+    if not resolved.visual_features:
+        raise ValueError(f"profile {profile!r} has no visual features: it is the model of one chapter (what the "
+                         "words alone know), which trains it itself; build the book with paper, cpu or smoke")
     sources = {path: read_notebook(path) for path in notebook_sources(root)}
     check_sources(root, sources, with_toc=build_html and not student)
     if student:

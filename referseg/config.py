@@ -48,6 +48,7 @@ STAGES = ("stage0", "stage1", "stage2")  # the profile's StageConfig fields (sta
 STAGE0_POS_IOU = 0.7
 STAGE0_NEG_IOU = 1e-6
 STAGE0_NEG_PER_POS = 1.0
+DATASETS = ("referit", "synthref", "referit-text")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,9 @@ class Profile:
 
     name: str
     # --- data (SPEC 2, DESIGN "Profiles") ---
-    dataset: str = "referit"  # "referit" (refclef, splitBy berkeley) or "synthref"
+    # "referit" (refclef, splitBy berkeley), "synthref", or "referit-text": the official ReferIt text
+    # files alone (expressions, boxes, image sizes; no pixels), for a model without visual features
+    dataset: str = "referit"
     data_root: str = "data/referit"
     synth_images: int = 0  # SynthRef: images generated in all (0 for ReferIt)
     synth_seed: int = 0
@@ -82,6 +85,9 @@ class Profile:
     pixel_mean: tuple[float, float, float] = TORCHVISION_MEAN  # SPEC 3, 8
     pixel_std: tuple[float, float, float] = TORCHVISION_STD  # SPEC 8 (Caffe used std 1)
     # --- visual features (SPEC 4) ---
+    # SPEC 4: the fc8 vector of each cell joins the fusion. False: the model of words alone (no backbone,
+    # no fc6-fc8; the classifier reads d_text + spatial_channels), the chapter "what the words alone know"
+    visual_features: bool = True
     backbone: str = "vgg16"  # one of BACKBONES
     # "imagenet", a file path, or None (random). A path ending in .npz is the official code's VGG-16
     # (Caffe weights converted, vgg_params.npz) and ties pixel_mean/std to Caffe's (see below).
@@ -158,7 +164,10 @@ class Profile:
         _check_choice("init", self.init, INITS)
         _check_choice("batching", self.batching, BATCHINGS)
         _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("dataset", self.dataset, ("referit", "synthref"))
+        _check_choice("dataset", self.dataset, DATASETS)
+        if self.dataset == "referit-text" and self.visual_features:
+            raise ValueError("dataset='referit-text' holds expressions and boxes but no pixels: set "
+                             "visual_features=false (the model of words alone), or use dataset='referit'")
         if self.spatial_channels not in (0, 2, 8):
             raise ValueError(f"spatial_channels={self.spatial_channels}: use 8 (code), 2 (paper) or 0")
         if self.input_size % self.stride:
@@ -421,7 +430,25 @@ SMOKE = CPU.replace(
     eval_batch_size=8,
 )
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (PAPER, CPU, SMOKE)}
+# The chapter "what the words alone know": the paper's model without its visual features, trained on
+# ReferIt's real expressions against their boxes (the official text files, fetched into data_root).
+# The paper's geometry (512 letterbox, 16x16 grid), so the boxes are pooled exactly as SPEC 5's masks;
+# small widths and one stage-1 epoch, lr 0.1 as in the cpu profile, so it trains in seconds on two cores.
+TEXT = PAPER.replace(
+    name="text",
+    dataset="referit-text",
+    data_root="data/referit-text",
+    vocab_file="data/referit-text/vocabulary_referit.txt",  # SPEC 2: the official vocabulary
+    visual_features=False,
+    d_embed=64,
+    d_text=64,
+    d_cls=32,
+    stage1={"iterations": 5998, "lr": 0.1, "lr_step": 4000},  # one epoch of 59,976 trainval pairs
+    checkpoint_every=1000,
+    log_every=100,
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (PAPER, CPU, SMOKE, TEXT)}
 
 
 def get_profile(name: str, **overrides: Any) -> Profile:

@@ -7,6 +7,11 @@ modes and counted against the unresized ground truth (:func:`evaluate_stream`); 
 method's per-sample CSV and summary JSON are written (:func:`save_method`), and the
 paper's table is laid out (:func:`paper_table`). ``evaluate_run`` evaluates a run
 folder's two stages; ``referseg.baselines.evaluate_all`` adds every baseline.
+
+ReferIt's text files give each region as a box: :func:`box_counts` counts a prediction shared
+by many pairs (a model without visual features predicts the same for the same words, a prior
+the same for every pair) once per image size against every pair's box, and
+:func:`evaluate_words_alone` scores such a model beside the whole image and a mean-box prior.
 """
 
 from __future__ import annotations
@@ -21,17 +26,19 @@ import numpy as np
 import torch
 
 from referseg.config import EVAL_MODES
-from referseg.data.transforms import prediction_mask
+from referseg.data.refer import EXPRESSION_GROUPS, expression_group
+from referseg.data.transforms import box_coverage, prediction_mask, undo_letterbox_matrices
 from referseg.features import compute_features
 from referseg.io import atomic_open, atomic_write_text
 from referseg.metrics import (
     PRECISION_THRESHOLDS,
+    box_intersection_union,
     intersection_union,
     iou_from_counts,
     summarize,
     summarize_groups,
 )
-from referseg.predict import split_logits
+from referseg.predict import split_logits, text_only_logits
 from referseg.runs import Run, SplitData, load_checkpoint, stage_checkpoints, train_hint
 
 if TYPE_CHECKING:
@@ -226,3 +233,183 @@ def evaluate_run(run_dir: str | Path, split: str = "test", mode: str | None = No
     started = time.perf_counter()
     summaries = evaluate_models(run, split, mode)
     return report(run, split, mode, {m: summaries[m] for m in OURS if m in summaries}, time.perf_counter() - started)
+
+
+# --- boxes: what the words alone know (ReferIt's text files) --------------------------------------
+
+WORDS_ALONE = {"text-only": "words alone (no visual features)", "mean-box": "mean-box prior",
+               "whole-image": "whole image"}
+
+
+def box_counts(data: SplitData, groups: Iterable[tuple[np.ndarray, np.ndarray]], mode: str = "logits"
+               ) -> np.ndarray:
+    """Per-pair (I, U), (N, 2) int64, against each pair's box at the original image size (SPEC 1).
+
+    ``groups`` yields ``(pair indices, S x S logits)``: one prediction shared by several pairs (a
+    model without visual features gives the same words the same map; a prior gives every pair the
+    same). It is mapped back once per image size (``prediction_mask``) and counted against every box
+    of its pairs (:func:`referseg.metrics.box_intersection_union`). Pairs in no group keep (-1, -1).
+    """
+    boxes = getattr(data.dataset.refer, "boxes", None)
+    if boxes is None:
+        raise ValueError(f"{data.dataset.refer.name} gives masks, not boxes: count with evaluate_stream")
+    counts = np.full((len(data), 2), -1, dtype=np.int64)
+    for pairs, square in groups:
+        masks: dict[tuple[int, int], tuple[np.ndarray, int]] = {}
+        for i in np.asarray(pairs).tolist():
+            size = data.size(i)
+            if size not in masks:
+                mask = prediction_mask(square, *size, mode)
+                masks[size] = mask, int(np.count_nonzero(mask))
+            mask, predicted = masks[size]
+            counts[i] = box_intersection_union(mask, boxes[data.pairs[i].ann_id], predicted)
+    return counts
+
+
+def positive_runs(rows: np.ndarray, size: int, stride: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where bilinearly upsampled logits are > 0 at the original size, as runs: ``(start, stop)``, each
+    (..., grid + 1) float64 holding whole numbers: pixels ``start <= x < stop`` of an original row (SPEC 1).
+
+    ``rows`` (..., grid) holds, for original rows, the logits of the grid's columns of cells interpolated
+    to that row. Along a row the map is the hat (linear) interpolation of those values between cell
+    centres ``s * j + s / 2`` of the S-wide square, read at ``x' = alpha * x + gamma`` when the letterbox
+    is undone (SPEC 3: rescale by side / S, crop ``left``, bilinear sampling). So it is linear between
+    two centres and positive on a prefix or a suffix of their pixels: one run per interval between
+    centres, plus the two edges, where only the outer cell reaches and its sign decides.
+    """
+    side = int(round(size * max(height / size, width / size)))
+    alpha = size / side
+    gamma = (((side - width) // 2) + 0.5) * alpha - 0.5
+    centres = stride * np.arange(rows.shape[-1]) + stride / 2
+    bounds = np.clip(np.ceil((centres - gamma) / alpha), 0, width)  # first pixel at or past each centre
+    first, last = bounds[:-1], bounds[1:]  # interval j: pixels [first[j], last[j]) between centres j, j + 1
+    rows = np.asarray(rows, dtype=np.float64)
+    a, b = rows[..., :-1], rows[..., 1:]  # the logits at the two centres of each interval
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cross = a / (a - b)  # where the line crosses 0, as a fraction of the interval
+    cross *= stride / alpha
+    cross += (centres[:-1] - gamma) / alpha  # ... in original columns
+    np.floor(cross, out=cross)
+    cross += 1  # the first pixel past the crossing
+    np.clip(cross, first, last, out=cross)
+    rising = b > a
+    start, stop = np.where(rising, cross, first), np.where(rising, last, cross)
+    flat = a == b
+    if flat.any():  # no crossing: all the interval or none of it
+        start = np.where(flat, first, start)
+        stop = np.where(flat, np.where(a > 0, last, first), stop)
+    lead, tail = rows[..., :1] > 0, rows[..., -1:] > 0
+    zero = np.zeros(lead.shape)
+    start = np.concatenate([zero, start, np.where(tail, bounds[-1], width)], axis=-1)
+    stop = np.concatenate([np.where(lead, bounds[0], 0.0), stop, zero + width], axis=-1)
+    return start, stop
+
+
+def text_only_box_counts(model: torch.nn.Module, data: SplitData, pairs: np.ndarray, mode: str = "logits",
+                         batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = True,
+                         chunk: int = 256) -> np.ndarray:
+    """:func:`box_counts` of a model without visual features on ``pairs`` of a split, (N, 2).
+
+    While its deconvolution is the bilinear initialisation (a stage-1 model: ``bilinear_upsampling``)
+    and ``mode="logits"``, no S x S map is made: per image size, each expression's cell logits are
+    interpolated to the original rows (``undo_letterbox_matrices`` times the hat matrix: the linear
+    maps of ``prediction_mask``) and each row's positive pixels found as runs (:func:`positive_runs`),
+    which count a box's I in a few steps. Equal to the pixel path up to float rounding.
+    """
+    from referseg.model.segmenter import bilinear_upsampling
+
+    hats = bilinear_upsampling(model.upsample, data.profile.grid) if mode == "logits" else None
+    if hats is None:
+        return box_counts(data, text_only_logits(model, data, batch_size, device, pairs, progress), mode)
+    groups = list(text_only_logits(model, data, batch_size, device, pairs, progress, high_res=False))
+    lowres = np.stack([logits for _, logits in groups])
+    expression = np.full(len(data), -1, dtype=np.int64)
+    for index, (members, _) in enumerate(groups):
+        expression[members] = index
+    boxes = data.dataset.refer.boxes
+    counts = np.full((len(data), 2), -1, dtype=np.int64)
+    pairs = np.asarray(pairs, dtype=np.int64)
+    sizes = np.array([data.size(i) for i in pairs.tolist()], dtype=np.int64).reshape(-1, 2)
+    profile = data.profile
+    for height, width in np.unique(sizes, axis=0).tolist():
+        members = pairs[(sizes[:, 0] == height) & (sizes[:, 1] == width)]
+        interpolate = undo_letterbox_matrices(profile.input_size, height, width)[0] @ hats  # (height, g)
+        used, inverse = np.unique(expression[members], return_inverse=True)
+        order = np.argsort(inverse.reshape(-1), kind="stable")
+        bounds = np.searchsorted(inverse.reshape(-1)[order], np.arange(len(used) + 1))
+        for begin in range(0, len(used), chunk):
+            rows = interpolate @ lowres[used[begin:begin + chunk]]  # (e, height, g): cells read at each row
+            start, stop = positive_runs(rows, profile.input_size, profile.stride, height, width)
+            totals = (stop - start).sum(axis=(1, 2))
+            for k in range(len(rows)):
+                for i in members[order[bounds[begin + k]:bounds[begin + k + 1]]].tolist():
+                    x0, y0, x1, y1 = boxes[data.pairs[i].ann_id]
+                    inside = np.minimum(stop[k, y0:y1 + 1], x1 + 1) - np.maximum(start[k, y0:y1 + 1], x0)
+                    inter = int(np.maximum(inside, 0, out=inside).sum())
+                    counts[i] = inter, int(totals[k]) + (x1 - x0 + 1) * (y1 - y0 + 1) - inter
+    return counts
+
+
+def mean_box_prior(data: SplitData) -> tuple[np.ndarray, float]:
+    """The mean-box prior of a split: ``(coverage, level)``, coverage the (S, S) fraction of the pairs'
+    letterboxed boxes that cover each pixel, level the one whose upper set scores best on them.
+
+    A fixed mask P scored against N boxes has I = N * sum of the coverage over P and
+    U = N |P| + sum of the box areas - I, so overall IoU (SPEC 1, here in the letterbox) is
+    computed for every upper set {coverage >= v} at once; ``level`` lies between the best v and
+    the next lower value. The prior's prediction is the logit map ``coverage - level``.
+    """
+    size = data.profile.input_size
+    square = data.dataset.refer.square_boxes(size)
+    coverage = box_coverage(np.array([square[p.ann_id] for p in data.pairs]), size) / len(data)
+    values, pixels = np.unique(coverage, return_counts=True)
+    values, pixels = values[::-1], pixels[::-1]  # highest coverage first
+    area, mass = np.cumsum(pixels), np.cumsum(values * pixels)
+    best = int(np.argmax(mass / (area + coverage.sum() - mass)))
+    level = (values[best] + values[best + 1]) / 2 if best + 1 < len(values) else values[best] - 1.0
+    return coverage, float(level)
+
+
+def evaluate_words_alone(model: torch.nn.Module, test: SplitData, train: SplitData,
+                         pairs: Sequence[int] | np.ndarray | None = None, mode: str = "logits",
+                         batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = True
+                         ) -> dict[str, pd.DataFrame]:
+    """Per-sample results on ``test``'s boxes (all pairs, or ``pairs``) of a model without visual
+    features, the mean-box prior of ``train`` and the whole image, ``{method: frame}`` (keys of
+    :data:`WORDS_ALONE`); each frame has the expression, what it says (``expression_group``), I, U, IoU."""
+    import pandas as pd
+
+    wanted = np.arange(len(test)) if pairs is None else np.asarray(pairs, dtype=np.int64)
+    coverage, level = mean_box_prior(train)
+    side = test.profile.input_size
+    counts_of = {
+        "text-only": lambda: text_only_box_counts(model, test, wanted, mode, batch_size, device, progress),
+        "mean-box": lambda: box_counts(test, [(wanted, (coverage - level).astype(np.float32))], mode),
+        "whole-image": lambda: box_counts(test, [(wanted, np.ones((side, side), dtype=np.float32))], mode),
+    }
+    says = [expression_group(test.pairs[i].expression) for i in wanted.tolist()]
+    frames = {}
+    for method, count in counts_of.items():
+        counts = count()[wanted]
+        frames[method] = pd.DataFrame({
+            "sent_id": [test.pairs[i].sent_id for i in wanted.tolist()],
+            "expression": [test.pairs[i].expression for i in wanted.tolist()],
+            "says": says, "intersection": counts[:, 0], "union": counts[:, 1],
+            "iou": iou_from_counts(counts[:, 0], counts[:, 1], EMPTY_UNION_IOU[mode]),
+        })
+    frames["mean-box"].attrs["level"] = level
+    return frames
+
+
+def words_alone_table(frames: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The paper's table of :func:`evaluate_words_alone`'s frames (in %), and overall IoU (%) by what
+    the expressions say, with the number of pairs of each group."""
+    import pandas as pd
+
+    summaries = {m: {"label": WORDS_ALONE[m], **summarize(f["intersection"], f["union"])} for m, f in frames.items()}
+    first = next(iter(frames.values()))
+    groups = pd.DataFrame({WORDS_ALONE[m]: {g: 100 * s["overall_iou"] for g, s in
+                                            summarize_groups(f, "says").items()} for m, f in frames.items()})
+    groups.insert(0, "pairs", first["says"].value_counts())
+    groups.index.name = "the expression says"
+    return paper_table(summaries), groups.loc[[g for g in EXPRESSION_GROUPS if g in groups.index]].round(2)

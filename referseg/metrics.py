@@ -36,6 +36,21 @@ def intersection_union(prediction: np.ndarray, target: np.ndarray, index: int = 
     return int(np.count_nonzero(prediction & target)), int(np.count_nonzero(prediction | target))
 
 
+def box_intersection_union(prediction: np.ndarray, box: Sequence[int], predicted: int | None = None
+                           ) -> tuple[int, int]:
+    """``(|P and G|, |P or G|)`` of a boolean prediction and a box ``G`` = [xmin, ymin, xmax, ymax]
+    (0-based, inclusive) on the same image: I counts P inside the box, U = |P| + |G| - I (SPEC 1).
+    ``predicted`` is |P| when the caller knows it (one prediction, many boxes)."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    height, width = np.shape(prediction)
+    if not (0 <= x0 <= x1 < width and 0 <= y0 <= y1 < height):
+        raise ValueError(f"box {[x0, y0, x1, y1]} is not inside the {width}x{height} prediction "
+                         "([xmin, ymin, xmax, ymax], 0-based, inclusive)")
+    inter = int(np.count_nonzero(prediction[y0 : y1 + 1, x0 : x1 + 1]))
+    total = int(np.count_nonzero(prediction)) if predicted is None else int(predicted)
+    return inter, total + (x1 - x0 + 1) * (y1 - y0 + 1) - inter
+
+
 def iou_from_counts(intersections: Sequence[int] | np.ndarray, unions: Sequence[int] | np.ndarray,
                     empty: float = 1.0) -> np.ndarray:
     """Per-sample I/U. A sample whose union is empty (nothing predicted, nothing to find) has IoU

@@ -49,11 +49,13 @@ def image_logits(model: torch.nn.Module, image: np.ndarray, expressions: Sequenc
     fc6-fc8 once.
     """
     device = next(model.parameters()).device
-    images = preprocess(image, profile)[None].to(device)
     tokens = encode_expressions(expressions, vocab, profile.seq_len).to(device)
     was_training = model.training
     model.eval()
     try:
+        if not getattr(model, "visual_features", True):  # the words alone: the image plays no part
+            return model(tokens, high_res=high_res).float().cpu().numpy()
+        images = preprocess(image, profile)[None].to(device)
         visual = model.visual_map(model.backbone_features(images))  # fc6-fc8 once for the image
         image_index = torch.zeros(len(expressions), dtype=torch.int64, device=device)
         logits = model(tokens, visual=visual, image_index=image_index, high_res=high_res)
@@ -88,6 +90,9 @@ def split_logits(models: Mapping[str, torch.nn.Module], data: SplitData, batch_s
         image_index = torch.from_numpy(image_index.reshape(-1)).to(device)
         outputs = {}
         for method, model in models.items():
+            if not getattr(model, "visual_features", True):  # the words alone: no features to read
+                outputs[method] = model(tokens, high_res=True).float().cpu().numpy()
+                continue
             if features is not None and method in features:
                 inputs = torch.from_numpy(np.asarray(features[method][rows], dtype=np.float32))
             else:
@@ -97,6 +102,30 @@ def split_logits(models: Mapping[str, torch.nn.Module], data: SplitData, batch_s
             outputs[method] = logits.float().cpu().numpy()
         for row, i in enumerate(batch.tolist()):
             yield i, {method: out[row] for method, out in outputs.items()}
+
+
+@torch.no_grad()
+def text_only_logits(model: torch.nn.Module, data: SplitData, batch_size: int = 256,
+                     device: torch.device | str = "cpu", pairs: Sequence[int] | np.ndarray | None = None,
+                     progress: bool = True, high_res: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(pair indices, S x S logits)`` (``(g, g)`` without ``high_res``) once per distinct expression
+    of a split, for a model without visual features (``visual_features=False``): its prediction depends
+    on the token ids alone, so the pairs that share them share it (ReferIt's 60,105 test pairs have
+    32,933 distinct token sequences)."""
+    if getattr(model, "visual_features", True):
+        raise ValueError("text_only_logits is for a model without visual features; use split_logits")
+    wanted = np.arange(len(data)) if pairs is None else np.asarray(pairs, dtype=np.int64)
+    unique, inverse = np.unique(data.tokens[wanted].numpy(), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(unique) + 1))
+    model.eval()
+    for start in tqdm(range(0, len(unique), batch_size), desc="expressions", unit="batch", disable=not progress,
+                      leave=False):
+        tokens = torch.from_numpy(unique[start:start + batch_size]).to(device)
+        logits = model(tokens, high_res=high_res).float().cpu().numpy()
+        for row, expression in enumerate(range(start, start + len(tokens))):
+            yield wanted[order[bounds[expression]:bounds[expression + 1]]], logits[row]
 
 
 def _check_expression(expression: object) -> None:

@@ -24,12 +24,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from referseg.config import PROFILES, Profile
-from referseg.data.transforms import letterbox_image, letterbox_mask, lowres_labels
+from referseg.data.transforms import letterbox_image, lowres_labels
 from referseg.io import atomic_open, atomic_save
 from referseg.text import Vocabulary
 
 if TYPE_CHECKING:
-    from referseg.data.refer import OfficialReferIt, Refer, ReferSegDataset
+    from referseg.data.refer import OfficialReferIt, Refer, ReferItText, ReferSegDataset
 
 CONFIG = "config.json"
 VOCAB = "vocab.txt"
@@ -343,7 +343,7 @@ class Run:
         self.vocab = Vocabulary.load(vocab_file)
         self.device = resolve_device(device)
         self.progress = progress
-        self._refer: Refer | OfficialReferIt | None = None
+        self._refer: Refer | OfficialReferIt | ReferItText | None = None
         self._splits: dict[str, SplitData] = {}
         self._feature_model: nn.Module | None = None
 
@@ -361,7 +361,7 @@ class Run:
         return run
 
     @property
-    def refer(self) -> Refer | OfficialReferIt:
+    def refer(self) -> Refer | OfficialReferIt | ReferItText:
         if self._refer is None:
             from referseg.data.refer import load_refer
 
@@ -411,7 +411,8 @@ def build_targets(dataset: ReferSegDataset, stage: int, progress: bool = True) -
     """The labels of every pair of a split for one stage (SPEC 5), computed once per region.
 
     Stage 1: ``lowres_labels`` of the letterboxed mask (OR-pooled by default);
-    stage 2: the letterboxed mask > 0 at S x S (SPEC 3), bit-packed.
+    stage 2: the letterboxed mask > 0 at S x S (SPEC 3), bit-packed. The dataset letterboxes
+    (``refer.square_mask``, ``refer.lowres_mask``): ReferIt's boxes are pooled without a mask.
     """
     profile, refer, pairs = dataset.profile, dataset.refer, dataset.pairs
     region_row: dict[int, int] = {}
@@ -420,11 +421,11 @@ def build_targets(dataset: ReferSegDataset, stage: int, progress: bool = True) -
         if pair.ann_id in region_row:
             continue
         region_row[pair.ann_id] = len(labels)
-        square = letterbox_mask(refer.load_mask(pair.ann_id), profile.input_size)
         if stage == 1:
-            labels.append(lowres_labels(square, profile.grid, profile.lowres_labels).astype(np.uint8))
+            labels.append(refer.lowres_mask(pair.ann_id, profile.input_size, profile.grid,
+                                            profile.lowres_labels).astype(np.uint8))
         else:
-            labels.append(np.packbits(square.reshape(-1)))
+            labels.append(np.packbits(refer.square_mask(pair.ann_id, profile.input_size).reshape(-1)))
     return Targets(
         label_index=np.array([region_row[p.ann_id] for p in pairs], dtype=np.int64),
         labels=np.stack(labels),
@@ -513,7 +514,7 @@ class SplitData:
         """Pair ``i``'s ground truth letterboxed to ``size x size`` (SPEC 3), cached per region."""
         key = (self.pairs[i].ann_id, size)
         if key not in self._square_masks:
-            self._square_masks[key] = letterbox_mask(self.original_mask(i), size)
+            self._square_masks[key] = self.dataset.refer.square_mask(self.pairs[i].ann_id, size)
         return self._square_masks[key]
 
     def lowres_label(self, i: int) -> np.ndarray:

@@ -146,7 +146,7 @@ def initial_model(profile: Profile, stage: int, run_dir: Path, vocab_size: int) 
 
 def freeze_backbone(model: torch.nn.Module, profile: Profile) -> None:
     """SPEC 5: the pretrained convolutions are frozen (no gradients, BatchNorm statistics fixed)."""
-    if profile.freeze_backbone:
+    if profile.freeze_backbone and model.backbone is not None:  # None: no visual features
         for parameter in model.backbone.parameters():
             parameter.requires_grad_(False)
         model.backbone.eval()
@@ -183,7 +183,7 @@ def train(
     # the model: stage 1 from the pretrained backbone (and stage 0), stage 2 from stage 1
     model = initial_model(profile, stage, run_dir, len(vocab)).to(device_)
     freeze_backbone(model, profile)
-    use_cache = profile.freeze_backbone and profile.cache_features
+    use_cache = profile.visual_features and profile.freeze_backbone and profile.cache_features
     optimizer = torch.optim.SGD(
         param_groups(model, profile.weight_decay),  # SPEC 5: weight decay on weights only
         lr=config.lr,
@@ -255,15 +255,13 @@ def train(
         labels = targets.batch_labels(pairs).to(device_)
         rows = data.pair_image[pairs]
         with autocast:
+            visual: dict[str, torch.Tensor] = {}  # none for the words alone (visual_features=False)
             if use_cache:
-                if device_.type == "cuda":
-                    features = features_all[torch.from_numpy(rows).to(device_)].float()
-                else:
-                    features = torch.from_numpy(np.asarray(features_all[rows], dtype=np.float32))
-                logits = model(tokens, features=features, high_res=stage == 2)
-            else:
-                images = torch.stack([data.dataset.image_tensor(int(r)) for r in rows]).to(device_)
-                logits = model(tokens, images=images, high_res=stage == 2)
+                visual["features"] = (features_all[torch.from_numpy(rows).to(device_)].float() if device_.type == "cuda"
+                                      else torch.from_numpy(np.asarray(features_all[rows], dtype=np.float32)))
+            elif profile.visual_features:
+                visual["images"] = torch.stack([data.dataset.image_tensor(int(r)) for r in rows]).to(device_)
+            logits = model(tokens, **visual, high_res=stage == 2)
         loss = weighted_sigmoid_ce(logits.float(), labels, config.pos_weight, config.neg_weight)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):

@@ -292,3 +292,43 @@ def write_official_referit(root: Path, with_imsize: bool = False) -> dict:
 @pytest.fixture
 def official_data(tmp_path: Path) -> dict:
     return write_official_referit(tmp_path / "referit-official")
+
+
+# ---------------------------------------------------------------------------- official text files
+
+# The ReferIt text files in miniature: {image_id: ((height, width), split, {k: (box, [expressions])})},
+# boxes [xmin, ymin, xmax, ymax] (0-based, inclusive). Training: two left halves and one whole
+# 64x64 image (their letterbox is the image itself); test: a right half, a corner, and a small box
+# on a 32x64 image (letterboxed with 16 rows of padding above and below).
+REFERIT_TEXT_FIXTURE = {
+    301: ((64, 64), "train", {1: ([0, 0, 31, 63], ["left half", "the left"]), 2: ([0, 0, 63, 63], ["everything"])}),
+    302: ((64, 64), "val", {1: ([0, 0, 31, 63], ["sky"])}),
+    303: ((64, 64), "test", {1: ([32, 0, 63, 63], ["right half"]), 2: ([0, 0, 15, 15], ["top left corner"])}),
+    304: ((32, 64), "test", {1: ([10, 5, 19, 14], ["car"])}),
+    305: ((48, 40), "none", {1: ([1, 2, 30, 40], [])}),  # a box of the files that no query uses
+}
+
+
+def write_referit_text(root: Path) -> dict:
+    """The official text files' layout under ``root``: ``referit_query_{train,val,trainval,test}.json``,
+    ``referit_bbox.json`` and ``referit_imsize.json`` (``[width, height]``), from REFERIT_TEXT_FIXTURE."""
+    root.mkdir(parents=True, exist_ok=True)
+    queries: dict[str, dict] = {"train": {}, "val": {}, "test": {}}
+    boxes, sizes = {}, {}
+    for image_id, ((height, width), split, regions) in REFERIT_TEXT_FIXTURE.items():
+        sizes[f"{image_id}.jpg"] = [width, height]
+        for k, (box, expressions) in regions.items():
+            boxes[f"{image_id}_{k}"] = box
+            if split in queries:
+                queries[split][f"{image_id}_{k}"] = expressions
+    queries["trainval"] = {**queries["train"], **queries["val"]}
+    for split, query in queries.items():
+        (root / f"referit_query_{split}.json").write_text(json.dumps(query))
+    (root / "referit_bbox.json").write_text(json.dumps(boxes))
+    (root / "referit_imsize.json").write_text(json.dumps(sizes))
+    return {"root": root, "boxes": boxes, "sizes": sizes, "queries": queries}
+
+
+@pytest.fixture
+def referit_text(tmp_path: Path) -> dict:
+    return write_referit_text(tmp_path / "referit-text")

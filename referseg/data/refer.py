@@ -58,6 +58,14 @@ SAIAPR_STUFF = frozenset({
     "dirt", "highway", "trail", "fog",
 })
 SPLIT_ORDER = ("train", "val", "trainval", "test")
+# Words that place a region in the picture ("left guy", "bottom right corner"): what a model without
+# visual features can still use, with the spatial channels (the chapter "what the words alone know").
+POSITION_WORDS = frozenset({
+    "left", "right", "top", "bottom", "middle", "center", "centre", "corner", "upper", "lower",
+    "leftmost", "rightmost", "topmost", "bottommost", "uppermost", "lowermost",
+})
+# The groups of expression_group, in the order the book shows them.
+EXPRESSION_GROUPS = ("stuff name", "stuff name and position", "position words", "other")
 OBTAIN_HINT = (
     "The original download links are dead; 'referseg data fetch-referit' lists the sources that "
     "remain (the official files on Google Drive, the REFER release on web.archive.org) and fetches "
@@ -239,6 +247,17 @@ class _PairSource:
     def load_image(self, image_id: int) -> np.ndarray:
         """The image as uint8 HxWx3 RGB (:func:`referseg.data.images.read_image`)."""
         return read_image(self.image_path(image_id))
+
+    def load_mask(self, ann_id: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def square_mask(self, ann_id: int, size: int) -> np.ndarray:
+        """The region's mask letterboxed to ``size x size`` (SPEC 3)."""
+        return transforms.letterbox_mask(self.load_mask(ann_id), size)
+
+    def lowres_mask(self, ann_id: int, size: int, grid: int, mode: str = "or") -> np.ndarray:
+        """The region's ``grid x grid`` training labels (SPEC 5): its letterboxed mask, pooled."""
+        return transforms.lowres_labels(self.square_mask(ann_id, size), grid, mode)
 
 
 # ---------------------------------------------------------------------------- REFER
@@ -431,6 +450,145 @@ class OfficialReferIt(_PairSource):
         return mask
 
 
+# ---------------------------------------------------------------------------- the official text files
+
+TEXT_FILES_HINT = ("'referseg data fetch-referit-text --out {root}' places them there, from the official "
+                   "repository (ronghanghu/text_objseg) or from a copy of its exp-referit/data/ folder "
+                   "(--from FOLDER)")
+
+
+class ReferItText(_PairSource):
+    """ReferIt's real expressions and the boxes of their regions: the official text files, no pixels.
+
+    ``referit_query_<split>.json`` gives the pairs (as :class:`OfficialReferIt`: region ``<imgid>_<k>``
+    has ``ann_id = imgid * 1000 + k``), ``referit_bbox.json`` each region's box ``[xmin, ymin, xmax,
+    ymax]`` (0-based, inclusive) and ``referit_imsize.json`` each image's ``[width, height]``. A region's
+    mask is its box at the image's size (:meth:`load_mask`); its letterbox is again a box
+    (:meth:`square_boxes`), so its letterboxed mask and low-resolution labels come from corners, equal
+    to those of the mask. It serves a model without visual features (``visual_features=False``):
+    :meth:`load_image` refuses.
+    """
+
+    REQUIRED = ("referit_bbox.json", "referit_imsize.json")
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.dataset = "referit-text"
+        self.split_by = "official"
+        self.name = f"ReferIt text files at {self.root}"
+        self.image_dir = self.root / "images"  # there are none; kept for the shared interface
+        self._query_files = {m.group(1): p for p in sorted(self.root.glob("referit_query_*.json"))
+                             if (m := re.fullmatch(r"referit_query_(\w+)\.json", p.name))}
+        missing = [name for name in self.REQUIRED if not (self.root / name).is_file()]
+        if not self._query_files or missing:
+            raise DatasetNotFoundError(
+                f"ReferIt text files not found under {self.root}: missing "
+                f"{', '.join(missing + ([] if self._query_files else ['referit_query_<split>.json']))}. "
+                + TEXT_FILES_HINT.format(root=self.root))
+        boxes, sizes = (self._read_json(self.root / name) for name in self.REQUIRED)
+        self.images: dict[int, dict] = {}
+        for file_name, size in sizes.items():
+            image_id, (width, height) = int(Path(file_name).stem), (int(v) for v in size)
+            self.images[image_id] = {"id": image_id, "file_name": file_name, "height": height, "width": width}
+        self.boxes: dict[int, tuple[int, int, int, int]] = {}
+        for key, box in boxes.items():
+            match = re.fullmatch(r"(\d+)_(\d+)", key)
+            if not match or int(match.group(1)) not in self.images:
+                raise ValueError(f"{self.root / 'referit_bbox.json'}: region {key!r} is not '<imgid>_<k>' of an "
+                                 "image of referit_imsize.json; fetch the files again")
+            image_id, k = int(match.group(1)), int(match.group(2))
+            self.boxes[image_id * 1000 + k] = self._checked_box(box, key, self.images[image_id])
+        self._pairs: dict[str, list[Pair]] = {}
+        self._square_boxes: dict[int, dict[int, tuple[int, int, int, int]]] = {}
+
+    @property
+    def splits(self) -> list[str]:
+        names = set(self._query_files) | ({"trainval"} if {"train", "val"} <= set(self._query_files) else set())
+        return sorted(names, key=_split_key)
+
+    def pairs(self, split: str) -> list[Pair]:
+        """Every (region, expression) pair of a split, read when first asked for; each has a box."""
+        if split not in self._pairs:
+            if split not in self.splits:
+                raise ValueError(f"{self.name} has no referit_query_{split}.json; its splits are "
+                                 f"{', '.join(self.splits)}")
+            if split in self._query_files:
+                pairs = OfficialReferIt._read_queries(self._query_files[split], split)
+            else:
+                pairs = self.pairs("train") + self.pairs("val")
+            lacking = next((p for p in pairs if p.ann_id not in self.boxes), None)
+            if lacking is not None:
+                raise ValueError(f"{self._query_files.get(split, split)}: region {lacking.image_id}_"
+                                 f"{lacking.ann_id % 1000} has no box in referit_bbox.json; fetch the files again")
+            self._pairs[split] = pairs
+        return list(self._pairs[split])
+
+    @staticmethod
+    def _read_json(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read {path}: {error}") from error
+
+    def _checked_box(self, box: Any, key: str, image: dict) -> tuple[int, int, int, int]:
+        try:
+            x0, y0, x1, y1 = (int(v) for v in box)
+        except (TypeError, ValueError):
+            x0 = y0 = 0
+            x1 = y1 = -1
+        if not (0 <= x0 <= x1 < image["width"] and 0 <= y0 <= y1 < image["height"]):
+            raise ValueError(f"{self.root / 'referit_bbox.json'}: region {key}: box {box!r} is not [xmin, ymin, "
+                             f"xmax, ymax] inside its {image['width']}x{image['height']} image (0-based, "
+                             "inclusive)")
+        return x0, y0, x1, y1
+
+    def load_image(self, image_id: int) -> np.ndarray:
+        raise FileNotFoundError(
+            f"{self.name} hold expressions and boxes, no images (image {image_id}.jpg): they serve a model "
+            "without visual features (visual_features=false). For the images, fetch ReferIt: "
+            "referseg data fetch-referit")
+
+    def load_mask(self, ann_id: int) -> np.ndarray:
+        """The region's box as a bool mask at the original image size (SPEC 1 evaluates there)."""
+        image = self.images[ann_id // 1000]
+        return transforms.box_mask(self.boxes[ann_id], image["height"], image["width"])
+
+    def square_boxes(self, size: int) -> dict[int, tuple[int, int, int, int]]:
+        """Every region's box in the ``size x size`` letterbox (:func:`transforms.letterbox_boxes`),
+        computed once per size for all regions, image size by image size."""
+        if size not in self._square_boxes:
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for ann_id in self.boxes:
+                image = self.images[ann_id // 1000]
+                by_size.setdefault((image["height"], image["width"]), []).append(ann_id)
+            square: dict[int, tuple[int, int, int, int]] = {}
+            for (height, width), ann_ids in by_size.items():
+                boxes = transforms.letterbox_boxes(np.array([self.boxes[a] for a in ann_ids]), height, width, size)
+                square.update(zip(ann_ids, map(tuple, boxes.tolist()), strict=True))
+            self._square_boxes[size] = square
+        return self._square_boxes[size]
+
+    def square_mask(self, ann_id: int, size: int) -> np.ndarray:
+        return transforms.box_mask(self.square_boxes(size)[ann_id], size, size)
+
+    def lowres_mask(self, ann_id: int, size: int, grid: int, mode: str = "or") -> np.ndarray:
+        return transforms.lowres_box_labels(self.square_boxes(size)[ann_id], size, grid, mode)
+
+
+def expression_group(expression: str) -> str:
+    """What an expression says, one of :data:`EXPRESSION_GROUPS`: a stuff name (:data:`SAIAPR_STUFF`,
+    "sky"), a stuff name and a position word (:data:`POSITION_WORDS`, "sky on the left"), position
+    words without a stuff name ("left guy"), or neither ("red car")."""
+    try:
+        words = {token.strip() for token in tokenize(expression)}
+    except ValueError:
+        return "other"
+    stuff, position = bool(words & SAIAPR_STUFF), bool(words & POSITION_WORDS)
+    if stuff:
+        return "stuff name and position" if position else "stuff name"
+    return "position words" if position else "other"
+
+
 # ---------------------------------------------------------------------------- torch dataset
 
 
@@ -443,7 +601,8 @@ class ReferSegDataset(torch.utils.data.Dataset):
     a region), so even ReferIt's 50k regions cost little memory.
     """
 
-    def __init__(self, refer: Refer | OfficialReferIt, split: str, vocab: Vocabulary, profile: Profile):
+    def __init__(self, refer: Refer | OfficialReferIt | ReferItText, split: str, vocab: Vocabulary,
+                 profile: Profile):
         self.refer = refer
         self.split = split
         self.vocab = vocab
@@ -455,9 +614,21 @@ class ReferSegDataset(torch.utils.data.Dataset):
         self.image_ids: list[int] = list(dict.fromkeys(p.image_id for p in self.pairs))
         self._image_index = {image_id: i for i, image_id in enumerate(self.image_ids)}
         self.pair_image = np.array([self._image_index[p.image_id] for p in self.pairs], dtype=np.int64)
-        self.tokens = torch.tensor([vocab.encode(p.expression, profile.seq_len) for p in self.pairs],
-                                   dtype=torch.int64)  # SPEC 2: T ids, left-padded
+        self.tokens = torch.tensor(self._encode_all(), dtype=torch.int64)  # SPEC 2: T ids, left-padded
         self._mask_cache: dict[int, tuple[dict, tuple[int, int]]] = {}
+
+    def _encode_all(self) -> list[list[int]]:
+        """Every pair's token ids; one warning for all the expressions whose words are all unknown
+        (ReferIt's test split has hundreds), not one each."""
+        try:
+            with warnings.catch_warnings(record=True) as unknown:
+                warnings.simplefilter("always", UserWarning)
+                return [self.vocab.encode(p.expression, self.profile.seq_len) for p in self.pairs]
+        finally:
+            if unknown:
+                warnings.warn(f"{len(unknown)} of {len(self.pairs)} expressions of split {self.split!r} have "
+                              f"only words unknown to the vocabulary (the first: {unknown[0].message})",
+                              stacklevel=3)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -515,13 +686,16 @@ def _has_official_layout(root: Path) -> bool:
     return any(root.glob("referit_query_*.json")) and (root / "mask").is_dir()
 
 
-def load_refer(profile: Profile) -> Refer | OfficialReferIt:
-    """The profile's dataset: SynthRef (generated at ``data_root`` when missing) or ReferIt.
+def load_refer(profile: Profile) -> Refer | OfficialReferIt | ReferItText:
+    """The profile's dataset: SynthRef (generated at ``data_root`` when missing), ReferIt, or
+    ReferIt's text files alone (``dataset="referit-text"``, :class:`ReferItText`).
 
     ReferIt is ``Refer(root, "refclef", "berkeley")`` (SPEC 2), or the official format when
     only that is there; otherwise one error naming what is missing and how to get it.
     """
     root = Path(profile.data_root)
+    if profile.dataset == "referit-text":
+        return ReferItText(root)
     if profile.dataset == "synthref":
         from referseg.data.synthetic import generate_synthref
 
@@ -537,7 +711,7 @@ def load_refer(profile: Profile) -> Refer | OfficialReferIt:
     return OfficialReferIt(root)
 
 
-def build_vocab(profile: Profile, refer: Refer | OfficialReferIt) -> Vocabulary:
+def build_vocab(profile: Profile, refer: Refer | OfficialReferIt | ReferItText) -> Vocabulary:
     """``profile.vocab_file`` (e.g. the official one), else built from the training split (SPEC 2)."""
     if profile.vocab_file:
         return Vocabulary.load(profile.vocab_file)
@@ -578,7 +752,7 @@ def _safe_length(expression: str) -> int:
         return 0
 
 
-def stats_table(refer: Refer | OfficialReferIt, vocab: Vocabulary | None) -> Any:
+def stats_table(refer: Refer | OfficialReferIt | ReferItText, vocab: Vocabulary | None) -> Any:
     """Per-split DataFrame: images, regions, pairs, expression lengths, unknown rate, stuff share."""
     import pandas as pd
 

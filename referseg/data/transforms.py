@@ -7,6 +7,8 @@ the official one exactly.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -126,6 +128,25 @@ def undo_letterbox(square: np.ndarray, height: int, width: int) -> np.ndarray:
     return resized[top : top + height, left : left + width]
 
 
+@functools.lru_cache(maxsize=16)
+def _resize_matrix(source: int, target: int) -> np.ndarray:
+    """(target, source) float32: the bilinear resize from ``source`` to ``target`` pixels along one
+    axis as a matrix (OpenCV's INTER_LINEAR applied to the identity)."""
+    matrix = cv2.resize(np.eye(source, dtype=np.float32), (source, target), interpolation=cv2.INTER_LINEAR)
+    matrix.flags.writeable = False
+    return matrix
+
+
+def undo_letterbox_matrices(size: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, cols)``, (height, size) and (width, size) float32, with
+    ``undo_letterbox(square, height, width) == rows @ square @ cols.T`` up to float rounding: the
+    bilinear resize is separable, and the crop keeps some of its rows and columns (SPEC 1, 3)."""
+    side = int(round(size * max(height / size, width / size)))
+    matrix = _resize_matrix(size, side)
+    top, left = (side - height) // 2, (side - width) // 2
+    return matrix[top : top + height], matrix[left : left + width]
+
+
 def prediction_mask(square_logits: np.ndarray, height: int, width: int,
                     mode: str = "logits") -> np.ndarray:
     """Boolean mask at the original size from ``size x size`` logits (SPEC 1).
@@ -140,3 +161,84 @@ def prediction_mask(square_logits: np.ndarray, height: int, width: int,
         binary = (square_logits >= 1e-9).astype(np.float32)
         return undo_letterbox(binary, height, width) > 0
     raise ValueError(f"evaluation mode {mode!r}: use 'logits' or 'official'")
+
+
+# --- boxes: the official ReferIt files give each region as a box, not a mask -------------------------
+
+
+def box_mask(box: Sequence[int], height: int, width: int) -> np.ndarray:
+    """The ``height x width`` mask of ``box`` = [xmin, ymin, xmax, ymax], 0-based and inclusive
+    (``referit_bbox.json``); a box with xmax < xmin or ymax < ymin is empty."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    mask = np.zeros((height, width), dtype=bool)
+    mask[max(y0, 0) : max(y1 + 1, 0), max(x0, 0) : max(x1 + 1, 0)] = True
+    return mask
+
+
+@functools.lru_cache(maxsize=64)
+def _resize_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(first, last)``, each (target,) int: the source pixels that each pixel of a bilinear resize from
+    ``source`` to ``target`` pixels reads with a positive weight (OpenCV's INTER_LINEAR along one axis,
+    found by resizing the identity): a run of one or two pixels, moving right as the pixel does."""
+    taps = cv2.resize(np.eye(source, dtype=np.float32), (source, target), interpolation=cv2.INTER_LINEAR) > 0
+    first, last = taps.argmax(axis=1), source - 1 - taps[:, ::-1].argmax(axis=1)
+    runs = taps.any(axis=1).all() and (taps.sum(axis=1) == last - first + 1).all()
+    if not (runs and (np.diff(first) >= 0).all() and (np.diff(last) >= 0).all()):
+        raise AssertionError(f"a bilinear resize {source} -> {target} does not read runs of pixels in order")
+    return first, last
+
+
+def letterbox_boxes(boxes: np.ndarray, height: int, width: int, size: int) -> np.ndarray:
+    """Boxes of one ``height x width`` image in the ``size x size`` letterbox (SPEC 3), (n, 4) int:
+    ``box_mask(letterbox_boxes(b)[k], size, size) == letterbox_mask(box_mask(b[k], height, width), size)``.
+
+    ``boxes`` is (n, 4) [xmin, ymin, xmax, ymax], 0-based and inclusive. A box mask is the outer
+    product of a row and a column indicator and the bilinear resize is separable with non-negative
+    weights, so a resized pixel is > 0 exactly when the runs of pixels it reads on both axes meet the
+    box: the letterboxed mask is again a box, found without resizing any mask. A box that a strong
+    downscale skips comes back empty (xmax < xmin or ymax < ymin).
+    """
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    letterbox = Letterbox(height, width, size)
+    (rh, rw), (top, left) = letterbox.resized, letterbox.pad
+    out = np.empty_like(boxes)
+    for axis, (source, target, offset) in enumerate(((width, rw, left), (height, rh, top))):
+        first, last = _resize_taps(source, target)
+        low, high = boxes[:, axis], boxes[:, axis + 2]
+        out[:, axis] = offset + np.searchsorted(last, low, side="left")  # first pixel whose run ends at or after low
+        out[:, axis + 2] = offset + np.searchsorted(first, high, side="right") - 1  # last whose run starts by high
+    return out
+
+
+def letterbox_box(box: Sequence[int], height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """One box in the letterbox (:func:`letterbox_boxes`)."""
+    x0, y0, x1, y1 = (int(v) for v in letterbox_boxes(np.asarray([box]), height, width, size)[0])
+    return x0, y0, x1, y1
+
+
+def lowres_box_labels(box: Sequence[int], size: int, grid: int, mode: str = "or") -> np.ndarray:
+    """``lowres_labels(box_mask(box, size, size), grid, mode)`` of a letterboxed box (SPEC 5), from its corners."""
+    if size % grid:
+        raise ValueError(f"a {size}x{size} square cannot be pooled to a {grid}x{grid} grid")
+    s = size // grid
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if mode == "or":  # the cells that any pixel of the box falls in
+        cells = (x0 // s, y0 // s, x1 // s, y1 // s) if x1 >= x0 and y1 >= y0 else (0, 0, -1, -1)
+    elif mode == "nearest":  # the cells whose centre pixel (k s + s // 2) is in the box
+        cells = (-((s // 2 - x0) // s), -((s // 2 - y0) // s), (x1 - s // 2) // s, (y1 - s // 2) // s)
+    else:
+        raise ValueError(f"lowres label mode {mode!r}: use 'or' or 'nearest'")
+    return box_mask(cells, grid, grid)
+
+
+def box_coverage(boxes: np.ndarray, size: int) -> np.ndarray:
+    """(size, size) int64: how many of the (n, 4) boxes cover each pixel of a ``size x size`` square
+    (their masks summed, through a difference array: no mask is drawn)."""
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    boxes = boxes[(boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])]
+    x0, y0 = boxes[:, 0].clip(0, size), boxes[:, 1].clip(0, size)
+    x1, y1 = (boxes[:, 2] + 1).clip(0, size), (boxes[:, 3] + 1).clip(0, size)
+    corners = np.zeros((size + 1, size + 1), dtype=np.int64)
+    for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
+        np.add.at(corners, (ys, xs), sign)
+    return corners.cumsum(axis=0).cumsum(axis=1)[:size, :size]

@@ -5,6 +5,9 @@
     [L2(text), L2(visual), spatial] --1x1 conv, ReLU, 1x1 conv--> low-res logits (B,g,g)
     --deconv (bilinear init, trained)--> high-res logits (B,S,S)
 
+With ``visual_features=False`` (the chapter "what the words alone know") there is no backbone
+and no fc6-fc8: the classifier reads [L2(text), spatial] and ``forward`` takes the tokens alone.
+
 A logit > 0 is foreground (SPEC 1). The backbone's output is a fixed function of the
 image when it is frozen, so the trainer may cache ``backbone_features`` and pass
 ``features=`` instead of ``images=``. fc6-fc8 (``visual_map``) depend on the image alone
@@ -13,6 +16,7 @@ too: inference computes them once per image and passes ``visual=`` and ``image_i
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,24 +65,41 @@ def bilinear_kernel(stride: int) -> torch.Tensor:
     return torch.outer(f, f).float()
 
 
+def bilinear_upsampling(upsample: nn.ConvTranspose2d, grid: int) -> np.ndarray | None:
+    """The (S, grid) matrix U with ``upsample(Z) == U @ Z @ U.T`` while the deconvolution is its bilinear
+    initialisation (SPEC 4; a stage-1 model's is, only stage 2 trains it), else None. Column i is the
+    hat of cell i: 1 at pixel s * i + s / 2, falling to 0 one stride away (linear interpolation)."""
+    stride, pad = upsample.stride[0], upsample.padding[0]
+    kernel = upsample.weight.detach()[0, 0].cpu()
+    if upsample.weight.shape[:2] != (1, 1) or pad != stride // 2 or not torch.equal(kernel, bilinear_kernel(stride)):
+        return None
+    taps = np.arange(grid * stride)[:, None] + pad - stride * np.arange(grid)[None, :]  # kernel index of (y, i)
+    f = bilinear_kernel(stride)[stride].numpy()  # the kernel's middle row: f itself
+    return np.where((taps >= 0) & (taps < len(f)), f[taps.clip(0, len(f) - 1)], 0.0).astype(np.float32)
+
+
 class Segmenter(nn.Module):
     """Hu et al. (2016): segmentation logits from an image and a referring expression (SPEC 4)."""
 
     def __init__(self, profile: Profile, vocab_size: int):
         super().__init__()
         self.profile = profile
-        self.frozen_backbone = profile.freeze_backbone
-        # Visual features (SPEC 4): convolutions, frozen in SPEC 5, then trained fc6-fc8.
-        self.backbone = build_backbone(profile)
-        if self.backbone.stride != profile.stride:
-            raise ValueError(
-                f"backbone {profile.backbone!r} has stride {self.backbone.stride} but the profile says "
-                f"stride={profile.stride}; set stride={self.backbone.stride} in the profile"
-            )
-        if self.frozen_backbone:
-            self.backbone.requires_grad_(False)
-            self.backbone.eval()
-        self.head = build_fc_head(profile, self.backbone.out_channels)
+        self.visual_features = profile.visual_features
+        self.frozen_backbone = profile.freeze_backbone and self.visual_features
+        # Visual features (SPEC 4): convolutions, frozen in SPEC 5, then trained fc6-fc8. Without them
+        # (visual_features=False) neither exists: the classifier reads the expression and the cell's place.
+        self.backbone: nn.Module | None = build_backbone(profile) if self.visual_features else None
+        self.head: nn.Module | None = None
+        if self.backbone is not None:
+            if self.backbone.stride != profile.stride:
+                raise ValueError(
+                    f"backbone {profile.backbone!r} has stride {self.backbone.stride} but the profile says "
+                    f"stride={profile.stride}; set stride={self.backbone.stride} in the profile"
+                )
+            if self.frozen_backbone:
+                self.backbone.requires_grad_(False)
+                self.backbone.eval()
+            self.head = build_fc_head(profile, self.backbone.out_channels)
         # Language (SPEC 4): embedding + LSTM, final hidden state.
         self.text = LanguageEncoder(profile, vocab_size)
         # Spatial channels (SPEC 4): a constant, rebuilt from the profile, so not saved.
@@ -86,7 +107,7 @@ class Segmenter(nn.Module):
             "spatial", spatial_channels(profile.grid, profile.spatial_channels), persistent=False
         )
         # Classifier (SPEC 4): 1x1 conv (d_text + d_im + n) -> d_cls, ReLU, 1x1 conv -> 1 logit.
-        fused_channels = profile.d_text + profile.d_im + profile.spatial_channels
+        fused_channels = profile.d_text + profile.d_im * self.visual_features + profile.spatial_channels
         self.classifier = nn.Sequential(
             nn.Conv2d(fused_channels, profile.d_cls, kernel_size=1),
             nn.ReLU(),
@@ -105,12 +126,14 @@ class Segmenter(nn.Module):
     def train(self, mode: bool = True) -> Segmenter:
         """As nn.Module.train, but a frozen backbone stays in eval mode (fixed features, SPEC 5)."""
         super().train(mode)
-        if self.frozen_backbone:
+        if self.frozen_backbone and self.backbone is not None:
             self.backbone.eval()
         return self
 
     def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised images -> backbone features: what the trainer may cache."""
+        if self.backbone is None:
+            raise ValueError("this model has no visual features (visual_features=False): it needs no images")
         if self.frozen_backbone:
             with torch.no_grad():
                 return self.backbone(images)
@@ -144,13 +167,18 @@ class Segmenter(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, g, g), or (B, S, S) when ``high_res``.
 
-        Give exactly one of images, features or visual. ``visual`` is :meth:`visual_map`
-        of some images; ``image_index`` (B,) picks each expression's image among them
+        Give exactly one of images, features or visual (none to a model without visual
+        features: the tokens are then all it reads). ``visual`` is :meth:`visual_map` of
+        some images; ``image_index`` (B,) picks each expression's image among them
         (default: one image per expression, in order).
         """
-        if sum(given is not None for given in (images, features, visual)) != 1:
+        given = sum(x is not None for x in (images, features, visual))
+        if not self.visual_features:
+            if given:
+                raise ValueError("this model has no visual features: give the tokens only")
+        elif given != 1:
             raise ValueError("give exactly one of images=, features=, visual=")
-        if visual is None:
+        elif visual is None:
             if features is None:
                 features = self.backbone_features(images)
             visual = self.visual_map(features)  # fc6-fc8: (B, d_im, g, g)
@@ -162,22 +190,23 @@ class Segmenter(nn.Module):
             logits = self.upsample(logits)  # (B, 1, S, S)
         return logits[:, 0]
 
-    def classify(self, text: torch.Tensor, visual: torch.Tensor,
+    def classify(self, text: torch.Tensor, visual: torch.Tensor | None,
                  spatial: torch.Tensor) -> torch.Tensor:
         """Logits (B, 1, h, w) of the fused ``[L2(text) tiled, L2(visual), spatial]``.
 
-        ``text`` is (B, d_text), ``visual`` (B, d_im, h, w), ``spatial`` (n, h, w) or
-        (B, n, h, w) (SPEC 4). Stage 0 (SPEC 5) calls it on 1 x 1 maps, one per box,
-        so the box classifier is this one.
+        ``text`` is (B, d_text), ``visual`` (B, d_im, h, w) or None (no visual features),
+        ``spatial`` (n, h, w) or (B, n, h, w) (SPEC 4). Stage 0 (SPEC 5) calls it on 1 x 1
+        maps, one per box, so the box classifier is this one.
         """
-        batch, _, height, width = visual.shape
+        batch, (height, width) = len(text), spatial.shape[-2:]
         if self.profile.l2_normalize:  # SPEC 4: each vector on its own, per position
             text = F.normalize(text, dim=1)
-            visual = F.normalize(visual, dim=1)
+            visual = F.normalize(visual, dim=1) if visual is not None else None
         # tile the text vector over the grid
         text_map = text[:, :, None, None].expand(-1, -1, height, width)
         spatial = spatial.expand(batch, -1, height, width)  # not normalised (SPEC 4)
-        return self.classifier(torch.cat([text_map, visual, spatial], dim=1))
+        parts = [text_map, spatial] if visual is None else [text_map, visual, spatial]
+        return self.classifier(torch.cat(parts, dim=1))
 
 
 def build_model(profile: Profile, vocab_size: int) -> Segmenter:
