@@ -77,6 +77,7 @@ slim_width_mult: float = 0.25  # channel width of the slim VGG-16 trained from s
 probe_iterations: int = 4  # iterations of the probe run that times the slim VGG-16
 # PyTorch CPU threads (None: its default, all cores); 1 when other work shares the cores
 threads: Optional[int] = None  # PyTorch CPU threads; None: all cores
+kept_grid: str = "book/results/ablations_cpu.json"  # the full grid (make ablations)
 
 # %% tags=["hide-input"]
 import json
@@ -131,6 +132,32 @@ grid_table = pd.DataFrame([
     for v in grid
 ]).set_index("variant")
 grid_table
+
+# %% [markdown]
+# ## The full grid, kept from `make ablations`
+#
+# Every variant at the profile's whole schedule over several seeds takes about an hour
+# on two cores, longer than this book's budget. `make ablations` runs it once and keeps
+# its small summary in the repository with the command, commit, machine, time, profile
+# and a hash of the code that made it. The note above the table says where it comes
+# from and, first, when it is stale. Everything after this section is the **quick grid**
+# of this build, at a fraction of the schedule.
+
+# %% tags=["hide-input"]
+full_reference = get_profile(profile, **overrides)
+full_table, full_note = viz.kept_grid(kept_grid, full_reference)
+viz.print_wrapped(full_note)
+if full_table is not None:
+    shown = ["label", "seeds", "overall IoU", "CI low", "CI high", "seed sd",
+             "Δ all", "Δ all low", "Δ all high"]
+    columns = [c for c in shown if c in full_table]
+    display(viz.dash_missing(full_table[columns].round(2)))
+    for name in full_table.index:
+        if name != ablations.REFERENCE:
+            viz.print_wrapped(viz.describe_difference(full_table, name))
+
+# %% [markdown]
+# ## The quick grid of this build
 
 # %% [markdown]
 # ## Training and evaluating every variant

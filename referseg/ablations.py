@@ -157,8 +157,7 @@ def _stale(run_folder: Path, profile: Profile) -> list[str]:
 
 def train_stages(profile: Profile, run_folder: Path, stages: Sequence[int], device: str = "auto",
                  progress: bool = False) -> dict[int, float]:
-    """Train the stages in ``run_folder`` (resuming or skipping finished ones); each stage's loop seconds
-    (from its log: data preparation and the one-off feature cache excluded)."""
+    """Train the stages in ``run_folder`` (resuming or skipping finished ones); each stage's loop seconds."""
     from referseg.runs import CHECKPOINT, LOG, read_checkpoint, read_log
     from referseg.train import train
 
@@ -174,8 +173,8 @@ def train_stages(profile: Profile, run_folder: Path, stages: Sequence[int], devi
 
 
 def run_variant(profile: Profile, variant: Variant, seed: int, run_dir: str | Path, stages: Sequence[int],
-                device: str = "auto", resamples: int = 1000, progress: bool = False) -> dict[str, Any]:
-    """Train (or reuse) and evaluate one (variant, seed); write and return its ``result.json`` row."""
+                device: str = "auto", resamples: int = 1000, progress: bool = False, train: bool = True) -> dict:
+    """Train (or reuse) and evaluate one (variant, seed), return its row; ``train=False`` never trains."""
     folder = variant_dir(run_dir, variant.name, seed)
     saved_file = result_file(folder, max(stages))
     profile_dict = json.loads(json.dumps(profile.to_dict()))
@@ -184,6 +183,8 @@ def run_variant(profile: Profile, variant: Variant, seed: int, run_dir: str | Pa
         if saved.get("profile") == profile_dict and saved.get("stages") == list(stages):
             return {**saved["row"], "group": variant.group, "label": variant.label, "status": "reused"}
     stale = _stale(folder, profile)
+    if not train:  # a run of other settings is reported as such, never removed or retrained
+        return {"variant": variant.name, "seed": seed, "status": "skipped: made with other settings"}
     if stale:  # settings changed since that run: it is this runner's own folder, so retrain it
         print(f"{variant.name} seed {seed}: settings changed since its run ({', '.join(stale)}); retraining")
         shutil.rmtree(folder)  # removes the features link, never the shared cache behind it
@@ -311,7 +312,7 @@ def run_ablations(reference: Profile, variants: Sequence[Variant], run_dir: str 
                 profile = (time_matched_profile(reference, variant, seed, run_dir, reference_seconds[seed], stages,
                                                 probe_iterations, device)[0]
                            if variant.time_matched else variant.profile(reference, seed))
-                row = run_variant(profile, variant, seed, run_dir, stages, device, resamples)
+                row = run_variant(profile, variant, seed, run_dir, stages, device, resamples, train=not only_finished)
                 if row["status"] == "trained":
                     durations.append(time.perf_counter() - run_start)
                 if variant.name == REFERENCE and "stage_seconds" in row:
