@@ -17,7 +17,6 @@ server on the loopback interface. Nothing here imports the training code.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import logging
@@ -35,6 +34,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from referseg.io import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +88,6 @@ def text_file_url(name: str, url_base: str | None = None) -> str:
     if url_base:
         return f"{url_base.rstrip('/')}/{name}"
     return RAW_URL.format(repo=OFFICIAL_REPO, commit=OFFICIAL_COMMIT, path=f"{OFFICIAL_DATA_DIR}/{name}")
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _has_text_file(path: Path) -> bool:
