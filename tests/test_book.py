@@ -479,6 +479,8 @@ def test_figures_are_numbered_and_referenced_in_every_chapter(built_book):
         if path.stem == "99_appendix":
             continue  # tables only
         page = (root / "_build" / "html" / "book" / "notebooks" / f"{path.stem}.html").read_text()
+        if "this chapter measures nothing" in page:
+            continue  # its data is absent here (09: ReferIt's text files): it says how to get them
         figures = re.findall(r'<figure[^>]*id="(fig-[\w-]+)"', page)
         assert figures, f"{path.stem} has no numbered figure"
         assert re.search(r'<span class="caption-number">Fig\. \d+ </span>', page)
