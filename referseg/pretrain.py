@@ -79,28 +79,21 @@ from referseg.features import FeatureCache, weights_id
 from referseg.losses import weighted_sigmoid_ce
 from referseg.model.segmenter import Segmenter, build_model, param_groups
 from referseg.runs import (
-    CHECKPOINT,
     LOG,
     Run,
     SplitData,
     append_log,
-    check_profile,
-    check_vocab,
     checkpoint_path,
-    read_checkpoint,
-    remove_stale_temporaries,
     save_checkpoint,
     stage_dir,
-    truncate_log,
 )
-from referseg.text import Vocabulary
 from referseg.train import (
     BatchOrder,
     TrainingDivergedError,
     all_finite,
     learning_rate,
     rng_states,
-    set_rng_states,
+    start_stage,
 )
 
 STAGE = 0
@@ -315,26 +308,10 @@ def pretrain(
     optimizer = torch.optim.SGD(param_groups(trained, profile.weight_decay), lr=config.lr, momentum=profile.momentum)
 
     # resume: weights, optimizer, RNG states and the iteration of the last checkpoint
-    remove_stale_temporaries(stage_dir(run_dir, STAGE), CHECKPOINT)
-    start, elapsed_before = 0, 0.0
-    if resume:
-        if not checkpoint_file.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_file}; start stage 0 without --resume")
-        state = read_checkpoint(checkpoint_file, device_)
-        check_profile(state["profile"], profile, f"checkpoint {checkpoint_file}")
-        check_vocab(Vocabulary(state["vocab"]), vocab, f"checkpoint {checkpoint_file}")
-        model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        start, elapsed_before = state["iteration"], state.get("elapsed", 0.0)
-        set_rng_states(state["rng"])
-        truncate_log(log_path, start)
-        if start >= config.iterations:
-            print(f"stage 0 already finished ({start} iterations): {checkpoint_file}")
-            return checkpoint_file
-    else:  # a fresh start replaces the stage's earlier checkpoint and log
-        stage_dir(run_dir, STAGE).mkdir(parents=True, exist_ok=True)
-        checkpoint_file.unlink(missing_ok=True)
-        log_path.unlink(missing_ok=True)
+    resumed = start_stage(STAGE, run_dir, resume, model, optimizer, profile, vocab, device_, strict=False)
+    if resumed is None:
+        return checkpoint_file
+    start, elapsed_before = resumed
 
     # samples and box features: computed once, gathered by each step
     samples = build_samples(data, profile.seed, progress)

@@ -129,6 +129,31 @@ class BatchOrder:
                 "batch_order": torch.from_numpy(self.epoch_order(epoch)), "position": iteration % self.num_batches}
 
 
+def start_stage(stage: int, run_dir: Path, resume: bool, model: torch.nn.Module, optimizer: Any, profile: Profile,
+                vocab: Vocabulary, device: torch.device, strict: bool = True) -> tuple[int, float] | None:
+    """Resume a stage (or clear it for a fresh start): ``(start, elapsed)``, None if already finished."""
+    checkpoint_file, log_path = checkpoint_path(run_dir, stage), stage_dir(run_dir, stage) / LOG
+    remove_stale_temporaries(stage_dir(run_dir, stage), CHECKPOINT)  # left by a writer that was killed
+    if not resume:  # a fresh start replaces the stage's earlier checkpoint and log
+        stage_dir(run_dir, stage).mkdir(parents=True, exist_ok=True)
+        checkpoint_file.unlink(missing_ok=True)
+        log_path.unlink(missing_ok=True)
+        return 0, 0.0
+    if not checkpoint_file.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_file}; start stage {stage} without --resume")
+    state = read_checkpoint(checkpoint_file, device)
+    check_profile(state["profile"], profile, f"checkpoint {checkpoint_file}")
+    check_vocab(Vocabulary(state["vocab"]), vocab, f"checkpoint {checkpoint_file}")
+    model.load_state_dict(state["model"], strict=strict)
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_states(state["rng"])
+    truncate_log(log_path, state["iteration"])
+    if state["iteration"] >= getattr(profile, f"stage{stage}").iterations:
+        print(f"stage {stage} already finished ({state['iteration']} iterations): {checkpoint_file}")
+        return None
+    return state["iteration"], state.get("elapsed", 0.0)
+
+
 def all_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
@@ -190,29 +215,11 @@ def train(
         momentum=profile.momentum,
     )
 
-    # resume: weights, optimizer, RNG states and the iteration of the last checkpoint
-    remove_stale_temporaries(stage_dir(run_dir, stage), CHECKPOINT)  # left by a writer that was killed
-    start, elapsed_before = 0, 0.0
-    if resume:
-        if not checkpoint_file.is_file():
-            raise FileNotFoundError(
-                f"--resume: no checkpoint at {checkpoint_file}; start stage {stage} without --resume"
-            )
-        state = read_checkpoint(checkpoint_file, device_)
-        check_profile(state["profile"], profile, f"checkpoint {checkpoint_file}")
-        check_vocab(Vocabulary(state["vocab"]), vocab, f"checkpoint {checkpoint_file}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, elapsed_before = state["iteration"], state.get("elapsed", 0.0)
-        set_rng_states(state["rng"])
-        truncate_log(log_path, start)
-        if start >= config.iterations:
-            print(f"stage {stage} already finished ({start} iterations): {checkpoint_file}")
-            return checkpoint_file
-    else:  # a fresh start replaces the stage's earlier checkpoint and log
-        stage_dir(run_dir, stage).mkdir(parents=True, exist_ok=True)
-        checkpoint_file.unlink(missing_ok=True)
-        log_path.unlink(missing_ok=True)
+    # resume (weights, optimizer, RNG states, iteration) or start afresh
+    resumed = start_stage(stage, run_dir, resume, model, optimizer, profile, vocab, device_)
+    if resumed is None:  # it had already finished
+        return checkpoint_file
+    start, elapsed_before = resumed
 
     # targets and features: computed once, gathered by each step
     targets = data.labels(stage, progress)
