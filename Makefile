@@ -8,11 +8,13 @@ LOCK := requirements.lock
 
 ABLATION_SEEDS ?= 0 1 2
 
-.PHONY: book test ablations bench student screenshot lint lock publish clean help
+.PHONY: book test sweep ablations bench student screenshot lint lock publish clean help
 
 help:
 	@echo "make book        set up .venv, run every notebook for PROFILE=$(PROFILE), build _build/html"
 	@echo "make test        set up .venv and run the test suite"
+	@echo "make sweep       choose the learning rates on validation (about 25 minutes on two cores, resumable);"
+	@echo "                 writes book/results/sweep_$(PROFILE).json for the stage-1 chapter"
 	@echo "make ablations   the ablation grid at the full schedule over seeds $(ABLATION_SEEDS) (about an hour"
 	@echo "                 on two cores, resumable); writes book/results/ablations_$(PROFILE).json for the book"
 	@echo "make bench       run the benchmarks (benchmarks/results/)"
@@ -30,6 +32,9 @@ $(VENV)/.installed-%: pyproject.toml $(wildcard $(LOCK))
 
 book: $(VENV)/.installed-book
 	$(BIN)/referseg book --profile $(PROFILE)
+
+sweep: $(VENV)/.installed-book
+	$(BIN)/referseg sweep --profile $(PROFILE)
 
 ablations: $(VENV)/.installed-book
 	$(BIN)/referseg ablations --profile $(PROFILE) --seeds $(ABLATION_SEEDS)

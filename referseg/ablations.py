@@ -1,10 +1,8 @@
 """Ablations beyond the paper: the grid of variants and the runner that trains and evaluates them.
 
-A :class:`Variant` is a named set of profile overrides relative to a *reference* profile;
-:func:`ablation_grid` lists them. :func:`run_ablations` trains and evaluates every
-(variant, seed) in ``<run_dir>/ablations/<variant>/seed<k>/``, reusing finished runs and the
-reference's feature cache; :func:`load_samples` reads a variant's per-sample results back
-(intervals in :mod:`referseg.metrics`; the chapter's table, figures and sentences in :mod:`referseg.viz`).
+A :class:`Variant` is a named set of profile overrides relative to a *reference* profile; :func:`ablation_grid`
+lists them. :func:`run_ablations` trains and evaluates every (variant, seed) in ``<run_dir>/ablations/<variant>/
+seed<k>/``, reusing finished runs and the reference's feature cache; :func:`load_samples` reads results back.
 """
 
 from __future__ import annotations
@@ -16,13 +14,14 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from referseg.config import Profile, get_profile, profile_changes
-from referseg.io import atomic_open, atomic_write_text
+from referseg.io import atomic_open, atomic_write_text, code_hash
 from referseg.metrics import summarize_with_interval
 
 if TYPE_CHECKING:
@@ -98,23 +97,13 @@ def ablation_grid(reference: Profile, slim_width_mult: float = 0.25) -> list[Var
         Variant("nearest-labels", "low-resolution labels", "nearest (block centre)", {"lowres_labels": "nearest"}),
         Variant("neg-weight-1", "stage-2 negative weight", f"1 (reference: {stage2_neg:.3g})",
                 {"stage2": {"neg_weight": 1.0}}),
+        Variant("init-official", "initialisation", "official (SPEC 4)", {"init": "official"}),
+        Variant("stage0", "stage 0 (box pretraining)", "on", {"pretrain": True}),
+        Variant("stage0-official", "stage 0 (box pretraining)", "on, official init", {"pretrain": True, "init": "official"}),
         Variant("slim-vgg16-scratch", "backbone", f"slim VGG-16 x{slim_width_mult:g} from scratch (same time)",
                 {"backbone": "slim_vgg16", "backbone_weights": None, "width_mult": slim_width_mult,
                  "freeze_backbone": False, "cache_features": False}, time_matched=True),
     ]
-
-
-def reference_labels(reference: Profile) -> dict[str, str]:
-    """What the reference is in each group, for tables ("8 channels (code)", "on", ...)."""
-    return {
-        "spatial channels": f"{reference.spatial_channels} channels" + (" (code)" if reference.spatial_channels == 8
-                                                                         else ""),
-        "L2 normalisation": "on" if reference.l2_normalize else "off",
-        "text encoder": {"lstm": "LSTM", "bow": "bag of words"}[reference.text_encoder],
-        "low-resolution labels": {"or": "OR-pooled (any pixel)", "nearest": "nearest"}[reference.lowres_labels],
-        "stage-2 negative weight": f"{reference.stage2.neg_weight:.3g}",
-        "backbone": f"{reference.backbone}" + (", pretrained, frozen" if reference.freeze_backbone else ""),
-    }
 
 
 def position_subsets() -> dict[str, Any]:
@@ -158,15 +147,17 @@ def _stale(run_folder: Path, profile: Profile) -> list[str]:
 def train_stages(profile: Profile, run_folder: Path, stages: Sequence[int], device: str = "auto",
                  progress: bool = False) -> dict[int, float]:
     """Train the stages in ``run_folder`` (resuming or skipping finished ones); each stage's loop seconds."""
+    from referseg.pretrain import pretrain
     from referseg.runs import CHECKPOINT, LOG, read_checkpoint, read_log
     from referseg.train import train
 
     seconds = {}
-    for stage in stages:
+    for stage in ((0,) if profile.pretrain else ()) + tuple(stages):  # stage 1 then starts from stage 0
         checkpoint = run_folder / f"stage{stage}" / CHECKPOINT
         finished = checkpoint.is_file() and read_checkpoint(checkpoint).get("finished", False)
         if not finished:
-            train(profile, stage, run_folder, resume=checkpoint.is_file(), device=device, progress=progress)
+            (pretrain if stage == 0 else partial(train, stage=stage))(
+                profile, run_dir=run_folder, resume=checkpoint.is_file(), device=device, progress=progress)
         log = read_log(run_folder / f"stage{stage}" / LOG)
         seconds[stage] = float(log[-1]["elapsed"]) if log else float("nan")
     return seconds
@@ -178,10 +169,13 @@ def run_variant(profile: Profile, variant: Variant, seed: int, run_dir: str | Pa
     folder = variant_dir(run_dir, variant.name, seed)
     saved_file = result_file(folder, max(stages))
     profile_dict = json.loads(json.dumps(profile.to_dict()))
-    if saved_file.is_file():
-        saved = json.loads(saved_file.read_text())
-        if saved.get("profile") == profile_dict and saved.get("stages") == list(stages):
+    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+    if saved.get("profile") == profile_dict and saved.get("stages") == list(stages):
+        if saved.get("code_hash") == code_hash():
             return {**saved["row"], "group": variant.group, "label": variant.label, "status": "reused"}
+        if not train:
+            return {"variant": variant.name, "seed": seed, "status": "skipped: made by other code"}
+        shutil.rmtree(folder)  # this runner's own folder, made by other training or evaluation code: retrain
     stale = _stale(folder, profile)
     if not train:  # a run of other settings is reported as such, never removed or retrained
         return {"variant": variant.name, "seed": seed, "status": "skipped: made with other settings"}
@@ -215,6 +209,7 @@ def run_variant(profile: Profile, variant: Variant, seed: int, run_dir: str | Pa
                stage_seconds={str(k): v for k, v in seconds.items()},
                **summarize_with_interval(pd.read_csv(csv, keep_default_na=False), position_subsets(), resamples, seed))
     atomic_write_text(saved_file, json.dumps({"profile": profile_dict, "stages": list(stages), "row": row,
+                                               "code_hash": code_hash(),
                                                "samples_csv": str(csv.relative_to(folder))}, indent=2) + "\n")
     return row
 
@@ -269,24 +264,20 @@ def run_ablations(reference: Profile, variants: Sequence[Variant], run_dir: str 
                   progress: bool = True, only_finished: bool = False) -> pd.DataFrame:
     """Train and evaluate every (variant, seed); one row each, saved as ``ablations/results.csv`` and ``.json``.
 
-    Seed by seed, the reference first, then the time-matched variants (they need its time, and
-    a tight budget then skips a cheap variant instead); finished runs are reused. With
-    ``budget_s``, a run that would probably end past it is skipped and marked so. ``threads``
-    sets PyTorch's CPU threads for the runs (one is often faster on busy cores); ``only_finished``
+    Seed by seed, the reference first, then the time-matched variants (they need its time); finished
+    runs are reused. With ``budget_s``, a run that would probably end past it is skipped and marked
+    so. ``threads``: PyTorch's CPU threads (one is often faster on busy cores); ``only_finished``
     trains nothing and reports the runs that have finished.
     """
     import pandas as pd
     import torch
     from tqdm.auto import tqdm
 
-    stages = tuple(sorted(set(stages)))
+    stages, names = tuple(sorted(set(stages))), [v.name for v in variants]
     if not stages or set(stages) - {1, 2} or stages[0] != 1:
         raise ValueError(f"stages={stages}: use (1,) for the low-resolution model or (1, 2) for both")
-    names = [v.name for v in variants]
-    if REFERENCE not in names:
-        raise ValueError(f"the grid must include the {REFERENCE!r} variant: every variant is compared with it")
-    if len(set(names)) != len(names):
-        raise ValueError(f"variant names must be unique: {names}")
+    if REFERENCE not in names or len(set(names)) != len(names):
+        raise ValueError(f"variants {names}: give unique names, {REFERENCE!r} among them (all are compared with it)")
     variants = sorted(variants, key=lambda v: (v.name != REFERENCE, not v.time_matched))
     run_dir, started = Path(run_dir), time.perf_counter()
     durations: list[float] = []
@@ -336,8 +327,7 @@ def run_ablations(reference: Profile, variants: Sequence[Variant], run_dir: str 
 
 
 def load_samples(run_dir: str | Path, variant: str, seeds: Sequence[int], stage: int = 2) -> pd.DataFrame | None:
-    """Per-sample results of a variant's finished seeds after ``stage``, stacked (a ``seed`` column);
-    None when none finished."""
+    """Per-sample results of a variant's finished seeds after ``stage`` (a ``seed`` column), or None."""
     import pandas as pd
 
     frames = []

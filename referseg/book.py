@@ -351,6 +351,21 @@ def write_student_edition(root: Path, sources: dict[Path, Any]) -> int:
 # --- the appendix's record of the machine ------------------------------------------------
 
 
+def data_hash(root: str | Path) -> str:
+    """SHA-256 over the relative paths and bytes of every file under ``root`` (sorted), the first 16
+    hex digits: which data an edition of the book was built from; "absent" without the folder."""
+    root = Path(root)
+    if not root.is_dir():
+        return "absent"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
     import platform

@@ -138,11 +138,41 @@ def cmd_ablations(args: argparse.Namespace) -> int:
     results = ablations.run_ablations(reference, grid, run_dir, seeds=tuple(args.seeds), device=args.device,
                                       threads=args.threads, only_finished=args.collect)
     table = viz.comparison_table(run_dir, results, reference)
+    payload = {"seeds": list(args.seeds), "results": json.loads(results.to_json(orient="records")),
+               "table": json.loads(table.reset_index().to_json(orient="records")),
+               **viz.grid_breakdowns(run_dir, table.index, args.seeds)}
+    first = ablations.variant_dir(run_dir, ablations.REFERENCE, args.seeds[0])
+    if args.baselines and (first / "config.json").is_file():  # the learned baselines over the same seeds
+        from referseg.baselines import seed_spread
+        from referseg.runs import Run
+
+        spread = seed_spread(Run(first, device=args.device), seeds=tuple(args.seeds))
+        payload["baselines"] = json.loads(spread.reset_index().to_json(orient="records"))
+        print(spread.round(2).to_string())
     summary = Path(args.summary or f"book/results/ablations_{args.profile}.json")
-    write_summary(summary, {"seeds": list(args.seeds), "results": json.loads(results.to_json(orient="records")),
-                            "table": json.loads(table.reset_index().to_json(orient="records"))}, reference, started)
+    write_summary(summary, payload, reference, started)
     print(table.round(2).to_string())
     print(f"summary with its provenance: {summary} (commit it: the book shows it)")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import time
+
+    from referseg.provenance import write_summary
+    from referseg.sweep import run_sweep
+    from referseg.viz import sweep_table
+
+    started = time.time()
+    reference = resolve_profile(args.profile, args.set)
+    frame, choice = run_sweep(reference, _default_run_dir(args), seed=args.seed, device=args.device,
+                              threads=args.threads)
+    summary = Path(args.summary or f"book/results/sweep_{args.profile}.json")
+    write_summary(summary, {"choice": choice, "rows": json.loads(frame.to_json(orient="records"))}, reference,
+                  started)
+    print(sweep_table(frame.to_dict("records")).to_string(index=False))
+    print(f"chosen on validation: {choice}")
+    print(f"summary with its provenance: {summary} (commit it: the stage-1 chapter shows it)")
     return 0
 
 
@@ -305,9 +335,21 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--summary", default=None, help="summary file (default: book/results/ablations_<profile>.json)")
     grid.add_argument("--device", default="auto")
     grid.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: PyTorch's)")
+    grid.add_argument("--no-baselines", dest="baselines", action="store_false",
+                      help="skip the learned baselines' spread over the same seeds (kept for the evaluation chapter)")
     grid.add_argument("--collect", action="store_true",
                       help="train nothing: summarise the runs that have finished (e.g. while others still run)")
     grid.set_defaults(func=cmd_ablations)
+
+    sweep = sub.add_parser("sweep", help="choose stage 1's and stage 2's learning rates on validation, with and "
+                           "without stage 0 (resumable), and write its summary for the book")
+    _add_profile_args(sweep)
+    sweep.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")
+    sweep.add_argument("--run-dir", default=None, help="run folder (default: runs/<profile>)")
+    sweep.add_argument("--summary", default=None, help="summary file (default: book/results/sweep_<profile>.json)")
+    sweep.add_argument("--device", default="auto")
+    sweep.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: PyTorch's)")
+    sweep.set_defaults(func=cmd_sweep)
 
     book = sub.add_parser("book", help="execute the notebooks with papermill, then build the book")
     _add_profile_args(book)

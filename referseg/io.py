@@ -61,8 +61,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def package_hash() -> str:
-    """Hash of the package's version and of every ``referseg/**/*.py`` source: which code made a result."""
+# Modules left out of :func:`code_hash`, so that editing them does not make a kept result (the
+# ablation grid, the sweep) stale: those that only present, command or record numbers computed
+# elsewhere, the photographs section (neither the grid nor the sweep runs it), and config.py,
+# whose profiles a kept result records and compares field by field (read_summary).
+PRESENTATION = ("viz.py", "book.py", "screenshot.py", "cli.py", "provenance.py", "photos.py", "config.py")
+
+
+def package_hash(exclude: tuple[str, ...] = ()) -> str:
+    """Hash of the package's version and of its ``referseg/**/*.py`` sources (less those under
+    ``exclude``, paths relative to the package): which code made a result."""
     import hashlib
 
     import referseg
@@ -70,5 +78,13 @@ def package_hash() -> str:
     package = Path(referseg.__file__).parent
     digest = hashlib.sha256(referseg.__version__.encode())
     for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+        name = path.relative_to(package).as_posix()
+        if not any(name == part or (part.endswith("/") and name.startswith(part)) for part in exclude):
+            digest.update(name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
+
+
+def code_hash() -> str:
+    """Hash of the code that trains and evaluates (the package less :data:`PRESENTATION`); the profile,
+    compared field by field, covers the rest."""
+    return package_hash(PRESENTATION)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from referseg.config import Profile, profile_changes
-from referseg.io import atomic_write_text, package_hash
+from referseg.io import PRESENTATION, atomic_write_text, code_hash
 
 
 def git_commit(root: Path) -> str:
@@ -54,7 +54,7 @@ def write_summary(path: str | Path, payload: dict[str, Any], profile: Profile, s
         "provenance": {
             "command": " ".join(command if command is not None else ["referseg", *sys.argv[1:]]),
             "commit": git_commit(Path(__file__).resolve().parents[1]),
-            "package_hash": package_hash(),
+            "code_hash": code_hash(),  # the package less its presentation modules (referseg.io.PRESENTATION)
             "machine": machine(),
             "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
             "seconds": round(time.time() - started, 1),
@@ -66,18 +66,22 @@ def write_summary(path: str | Path, payload: dict[str, Any], profile: Profile, s
     return path
 
 
-def read_summary(path: str | Path, profile: Profile) -> tuple[dict[str, Any] | None, list[str]]:
-    """``(summary, reasons it is stale)``; ``(None, [])`` when there is no file."""
+def read_summary(path: str | Path, profile: Profile, chosen: tuple[str, ...] = ()) -> tuple[dict[str, Any] | None,
+                                                                                         list[str]]:
+    """``(summary, reasons it is stale)``; ``(None, [])`` when there is no file. ``chosen``: profile
+    fields (``stage1.lr``) that the summary itself chose, so the profile may since have taken them."""
     path = Path(path)
     if not path.is_file():
         return None, []
     summary = json.loads(path.read_text())
     origin = summary.get("provenance", {})
     stale = []
-    if origin.get("package_hash") != package_hash():
-        stale.append(f"it was made by other code (commit {origin.get('commit', 'unknown')}), not this package")
+    if origin.get("code_hash") != code_hash():
+        stale.append(f"it was made by other code (commit {origin.get('commit', 'unknown')}): the package's training "
+                     f"and evaluation code (all but {', '.join(PRESENTATION)}) has changed since")
     saved = origin.get("profile")
     changes = profile_changes(Profile.from_dict(saved), profile) if saved else {"profile": "missing"}
+    changes = {key: value for key, value in changes.items() if key not in chosen}
     if changes:
         stale.append("it was made with another profile (" + ", ".join(f"{k}: now {v!r}" for k, v in changes.items())
                      + ")")

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import torch
 
-from referseg.ablations import REFERENCE, load_samples, position_subsets, reference_labels
+from referseg.ablations import REFERENCE, load_samples, position_subsets
 from referseg.data.transforms import letterbox_image, to_rgb
 from referseg.metrics import compare_runs
 
@@ -382,6 +382,41 @@ def dash_missing(frame: pd.DataFrame, mark: str = "\u2013") -> pd.DataFrame:
     return frame.astype(object).where(frame.notna(), mark)
 
 
+# --------------------------------------------------------------------------- the prose's claims
+
+PUBLISHED_PROFILE = "cpu"  # the profile whose outputs the book's written sentences describe
+
+
+class ClaimError(AssertionError):
+    """A sentence of the book that its own outputs no longer support: the build stops, naming it."""
+
+
+class Claims:
+    """The sentences of a chapter that state a measured number or relation, checked where they stand.
+
+    ``claims("colour is the hardest type", hardest == "colour", f"hardest: {hardest}")`` raises
+    :class:`ClaimError`, naming the chapter, the sentence and the evidence, when a rerun's outputs
+    no longer support it; the book then does not build. A claim about results is checked when the
+    chapter runs for :data:`PUBLISHED_PROFILE`, the profile the prose describes (a smoke run's
+    numbers are not those the text reads); ``every_profile=True`` checks a fact of the code or the
+    data whatever the profile. Sentences that print their numbers are computed, not claimed.
+    """
+
+    def __init__(self, profile: str, chapter: str):
+        self.profile, self.chapter = profile, chapter
+        self.checked: list[tuple[str, bool, str]] = []
+
+    def __call__(self, statement: str, holds: Any, evidence: str, every_profile: bool = False) -> bool:
+        applies = every_profile or self.profile == PUBLISHED_PROFILE
+        if applies and not bool(holds):
+            raise ClaimError(f"{self.chapter}: the claim {statement!r} no longer holds ({evidence}). "
+                             "Rewrite the sentence for the new outputs, or find out what changed them.")
+        self.checked.append((statement, applies, evidence))
+        mark = "\u2713 holds" if applies else f"not checked for profile {self.profile!r}"
+        print_wrapped(f"{mark}: {statement} ({evidence})")
+        return bool(holds)
+
+
 def glue_figure(name: str, figure: Any = None) -> None:
     """Show a figure once and hand it to the book under ``name``: the chapter's text places it
     with ``{glue:figure} name`` as a numbered figure with a caption (tag the cell
@@ -406,6 +441,20 @@ def glue_figure(name: str, figure: Any = None) -> None:
 
 
 # --------------------------------------------------------------------------- ablation results
+
+def reference_labels(reference: Profile) -> dict[str, str]:
+    """What the reference is in each group, for tables ("8 channels (code)", "on", ...)."""
+    return {
+        "spatial channels": f"{reference.spatial_channels} channels" + (" (code)" if reference.spatial_channels == 8
+                                                                         else ""),
+        "L2 normalisation": "on" if reference.l2_normalize else "off",
+        "text encoder": {"lstm": "LSTM", "bow": "bag of words"}[reference.text_encoder],
+        "low-resolution labels": {"or": "OR-pooled (any pixel)", "nearest": "nearest"}[reference.lowres_labels],
+        "stage-2 negative weight": f"{reference.stage2.neg_weight:.3g}",
+        "initialisation": reference.init, "stage 0 (box pretraining)": "on" if reference.pretrain else "off",
+        "backbone": f"{reference.backbone}" + (", pretrained, frozen" if reference.freeze_backbone else ""),
+    }
+
 
 def comparison_table(run_dir: str | Path, results: pd.DataFrame, reference: Profile, resamples: int = 1000,
                      seed: int = 0) -> pd.DataFrame:
@@ -432,6 +481,7 @@ def comparison_table(run_dir: str | Path, results: pd.DataFrame, reference: Prof
     return pd.DataFrame(rows).set_index("variant")
 
 
+LEARNED_NOTHING = 1.0  # overall IoU (%) below which a variant is said not to have learned at all
 SUBSETS = {"all": "all expressions", "position": "position expressions", "other": "other expressions"}
 
 
@@ -447,13 +497,18 @@ def describe_difference(table: pd.DataFrame, variant: str, subset: str = "all") 
     if key not in row or not np.isfinite(row[key]):
         return f"{row['label']}: no {SUBSETS[subset]} to compare."
     diff, low, high = row[key], row[f"{key} low"], row[f"{key} high"]
+    seeds = int(row["seeds"])
+    if row["overall IoU"] < LEARNED_NOTHING:
+        return (f"{row['group']} = {row['label']} did not learn within the budget: overall IoU "
+                f"{row['overall IoU']:.1f}% ({seeds} seed{'s' if seeds > 1 else ''}), so its difference to the "
+                "reference measures nothing but that.")
     if low > 0:
         verdict = f"raises overall IoU on {SUBSETS[subset]} by {diff:.1f} points"
     elif high < 0:
         verdict = f"lowers overall IoU on {SUBSETS[subset]} by {-diff:.1f} points"
     else:
-        verdict = f"changes overall IoU on {SUBSETS[subset]} by {diff:+.1f} points, which is within the noise"
-    seeds = int(row["seeds"])
+        verdict = (f"makes no difference on {SUBSETS[subset]}: {diff:+.1f} points, an interval that spans "
+                   "zero")
     return (f"{row['group']} = {row['label']} {verdict} (95% CI {low:+.1f} to {high:+.1f}; "
             f"{seeds} seed{'s' if seeds > 1 else ''}).")
 
@@ -498,6 +553,34 @@ def plot_group(table: pd.DataFrame, variants: Sequence[str], subsets: Sequence[s
     return axes
 
 
+def grid_breakdowns(run_dir: str | Path, variants: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
+    """What the ablations chapter shows beyond the table, from the per-sample results: overall IoU
+    (%) per expression type and per region (thing or stuff) of every variant, averaged over its
+    seeds, the test pairs per type, and the time-matched variants' plans; kept in the summary so
+    that the chapter renders without the run folders."""
+    import json
+
+    import pandas as pd
+
+    from referseg.ablations import ABLATIONS_DIR, PLAN_FILE
+    from referseg.metrics import overall_iou_by
+
+    by_type, by_region, pairs = {}, {}, {}
+    for name in variants:
+        samples = load_samples(run_dir, name, seeds)
+        if samples is not None:
+            by_type[name] = (100 * overall_iou_by(samples, "type")).to_dict()
+            by_region[name] = (100 * overall_iou_by(samples, "region")).to_dict()
+            if not pairs:
+                pairs = samples[samples["seed"] == samples["seed"].iloc[0]]["type"].value_counts().to_dict()
+    plans = {path.parent.name: json.loads(path.read_text())
+             for path in sorted((Path(run_dir) / ABLATIONS_DIR).glob(f"*/{PLAN_FILE}"))}
+    for plan in plans.values():
+        plan.pop("key", None)  # the whole reference profile again: the summary has it
+    return {"by_type": pd.DataFrame(by_type).to_dict(), "by_region": pd.DataFrame(by_region).to_dict(),
+            "type_pairs": {str(k): int(v) for k, v in pairs.items()}, "plans": plans}
+
+
 def kept_grid(summary_file: str | Path, reference: Profile) -> tuple[pd.DataFrame | None, str]:
     """The full ablation grid kept in the repository (``make ablations``), as the chapter's table, and a
     note saying who made it and, loudly, why it is stale when it is (other code or profile)."""
@@ -519,3 +602,288 @@ def kept_grid(summary_file: str | Path, reference: Profile) -> tuple[pd.DataFram
     if stale:
         note = "**STALE:** " + "; ".join(stale) + ". Read these numbers as those of that commit. " + note
     return table, note
+
+
+# --------------------------------------------------------------------------- seeds as the yardstick
+
+SPREAD_FACTOR = 2.0  # a difference counts when it exceeds this many sds of a difference of two runs
+
+
+def versus(a: tuple[float, float], b: tuple[float, float], higher: str = "beats", lower: str = "is below") -> str:
+    """How a result (mean, sd over seeds) compares with another, judged by the seeds' spread:
+    ``higher``/``lower`` when the means differ by more than ``SPREAD_FACTOR`` times the sd of a
+    difference of two runs (sqrt(sd_a^2 + sd_b^2)), else "is within the seed spread of"."""
+    (mean_a, sd_a), (mean_b, sd_b) = a, b
+    if not all(np.isfinite([mean_a, mean_b, sd_a, sd_b])):
+        return "cannot be compared (too few seeds) with"
+    if abs(mean_a - mean_b) <= SPREAD_FACTOR * float(np.hypot(sd_a, sd_b)):
+        return "is within the seed spread of"
+    return higher if mean_a > mean_b else lower
+
+
+def seed_table(summary_file: str | Path, reference: Profile) -> tuple[pd.DataFrame | None, str]:
+    """Overall IoU (%) per seed, mean and sd, of our model (the grid's reference: the profile's full
+    schedule) and of every learned baseline, from the kept ablation summary; and its note."""
+    import pandas as pd
+
+    _, note = kept_grid(summary_file, reference)
+    from referseg.provenance import read_summary
+
+    summary, _ = read_summary(summary_file, reference)
+    if summary is None or "baselines" not in summary:
+        return None, note if summary is None else note + " It holds no baseline seeds (`--no-baselines`)."
+    runs = [row for row in summary["results"] if row["variant"] == REFERENCE and row.get("overall_iou") is not None]
+    ours = {f"seed {row['seed']}": 100 * row["overall_iou"] for row in runs}
+    frame = pd.DataFrame([{"method": "ours, high resolution", **ours}, *summary["baselines"]]).set_index("method")
+    seeds = [c for c in frame.columns if c.startswith("seed ")]
+    frame["mean"], frame["sd"] = frame[seeds].mean(axis=1), frame[seeds].std(axis=1, ddof=1)
+    return frame, note
+
+
+# --------------------------------------------------------------------------- the learning-rate sweep
+
+def kept_sweep(summary_file: str | Path, profile: Profile) -> tuple[pd.DataFrame | None, dict | None, str]:
+    """The learning-rate sweep kept in the repository (``make sweep``): its table, its choice and a
+    note on who made it, saying loudly when it is stale (other code, another profile) or when the
+    profile does not use what it chose."""
+    from referseg.provenance import read_summary
+    from referseg.sweep import CHOSEN
+
+    summary, stale = read_summary(summary_file, profile, chosen=CHOSEN)
+    if summary is None:
+        return None, None, f"No sweep is kept in {summary_file}: `make sweep` makes it."
+    choice, origin = summary["choice"], summary["provenance"]
+    used = {"init": profile.init, "pretrain": profile.pretrain, "stage1_lr": profile.stage1.lr,
+            "stage2_lr": profile.stage2.lr}
+    differs = [f"{key}: chose {choice[key]!r}, the profile has {value!r}" for key, value in used.items()
+               if choice[key] != value]
+    if differs:
+        stale.append("the profile does not use its choice (" + "; ".join(differs) + ")")
+    note = (f"Sweep on the validation split, seed {choice['seed']}, made by `{origin['command']}` at commit "
+            f"{origin['commit']} on {origin['machine']}, finished {origin['finished_utc']} UTC after "
+            f"{origin['seconds'] / 60:.0f} minutes. Rule: {choice['rule']}.")
+    if stale:
+        note = "**STALE:** " + "; ".join(stale) + ". " + note
+    return sweep_table(summary["rows"]), choice, note
+
+
+def schedule_sentence(profile: Profile, spec: Profile, stage: int) -> str:
+    """How a profile's schedule for ``stage`` compares with SPEC 5's (``spec``: the paper profile)."""
+    mine, theirs = getattr(profile, f"stage{stage}"), getattr(spec, f"stage{stage}")
+    ratio = mine.lr / theirs.lr
+    return (f"{profile.name}: {mine.iterations:,} iterations at lr {mine.lr:g}, x{mine.lr_gamma:g} every "
+            f"{mine.lr_step:,}; SPEC: {theirs.iterations:,} at {theirs.lr:g}, x{theirs.lr_gamma:g} every "
+            f"{theirs.lr_step:,}. " + ("The same learning rate." if ratio == 1 else
+                                       f"The learning rate is {ratio:g} times SPEC's (the sweep chose it)."))
+
+
+def sweep_sentences(table: pd.DataFrame, choice: Mapping[str, Any]) -> list[str]:
+    """The sweep's findings as sentences computed from its table (:func:`sweep_table`) and choice."""
+    from referseg.sweep import SPEC_LR
+
+    first = table[table["stage"] == 1]
+    best = first.loc[first["all"].idxmax()]
+    sentences = []
+    for _, row in first[(first["stage-1 lr"] == SPEC_LR) & (first["init"] == best["init"])].iterrows():
+        sentences.append(f"At SPEC's lr {SPEC_LR:g} ({row['init']} init, stage 0: {row['stage 0']}) stage 1 reaches "
+                         f"{row['all']:.1f}% validation overall IoU (things {row['things']:.1f}%).")
+    sentences.append(f"The best stage 1 (lr {best['stage-1 lr']:g}, {best['init']} init, stage 0: {best['stage 0']}) "
+                     f"reaches {best['all']:.1f}%: things {best['things']:.1f}%, stuff {best['stuff']:.1f}%.")
+    second = table[table["stage"] == 2]
+    if len(second):
+        top = second.loc[second["all"].idxmax()]
+        sentences.append(f"After stage 2 the best lr, {top['stage-2 lr']:g}, reaches {top['all']:.1f}%: things "
+                         f"{top['things']:.1f}%, stuff {top['stuff']:.1f}%.")
+    sentences.append(f"Chosen: {choice['init']} init, stage 0 {'on' if choice['pretrain'] else 'off'}, stage-1 lr "
+                     f"{choice['stage1_lr']:g}, stage-2 lr {choice['stage2_lr']:g}.")
+    return sentences
+
+
+def by_region(summary: Mapping[str, Any]) -> dict[str, float]:
+    """Overall IoU (%) of an evaluation summary (:func:`referseg.evaluate.save_method`) on all pairs,
+    on things and on stuff."""
+    regions = summary["by_region"]
+    return {"all": 100 * summary["overall_iou"],
+            **{name: 100 * regions[key]["overall_iou"] if key in regions else float("nan")
+               for name, key in (("things", "thing"), ("stuff", "stuff"))}}
+
+
+def sweep_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The chapter's view: one row per run, validation overall IoU (%) on all, things and stuff."""
+    import pandas as pd
+
+    frame = pd.DataFrame(list(rows))
+    table = pd.DataFrame({
+        "stage": frame["stage"], "init": frame["init"], "stage 0": frame["pretrain"].map({True: "yes", False: "no"}),
+        "stage-1 lr": frame["stage1_lr"], "stage-2 lr": frame["lr"].where(frame["stage"] == 2),
+        "all": 100 * frame["overall_iou"], "things": 100 * frame.get("thing_iou"),
+        "stuff": 100 * frame.get("stuff_iou"), "train s": frame["train_s"]})
+    return table.round(2)
+
+
+# --------------------------------------------------------------------------- the verdict per claim
+
+CONFIRMED, CONTRADICTED, NO_DIFFERENCE = "confirmed on SynthRef", "contradicted on SynthRef", "not confirmed on SynthRef"
+NOT_MEASURED = "not measured in this build"
+
+
+def _ablation_verdict(table: pd.DataFrame | None, variant: str) -> tuple[str, str]:
+    """(figures, status) of a paper claim "this part helps", tested by removing it (``variant``)."""
+    if table is None or variant not in table.index:
+        return "no kept full grid (`make ablations`)", NOT_MEASURED
+    row = table.loc[variant]
+    diff, low, high = row["Δ all"], row["Δ all low"], row["Δ all high"]
+    figures = (f"{row['label']}: {diff:+.1f} points (95% CI {low:+.1f} to {high:+.1f}; {int(row['seeds'])} seeds, "
+               f"seed sd {row['seed sd']:.1f})")
+    status = CONFIRMED if high < 0 else CONTRADICTED if low > 0 else NO_DIFFERENCE + " (no difference)"
+    return figures, status
+
+
+def verdicts(run_dir: str | Path, profile: Profile, kept_file: str | Path,
+             real_text_file: str | Path | None = None, resamples: int = 1000) -> pd.DataFrame:
+    """One row per claim of the paper: where this study tests it, the figures it measured (with
+    intervals over test samples and seeds) and a status, computed from the run folder, the kept
+    ablation grid and the real-text chapter's summary; what is absent says how to get it."""
+    import json
+
+    import pandas as pd
+
+    from referseg.metrics import compare_runs
+    from referseg.provenance import read_summary
+
+    rows = []
+    eval_dir, split = Path(run_dir) / "eval", profile.eval_split
+    files = {stage: eval_dir / f"ours-{stage}res_{split}.csv" for stage in ("high", "low")}
+    if all(path.is_file() for path in files.values()):
+        high, low = (pd.read_csv(files[s], keep_default_na=False).assign(seed=profile.seed) for s in ("high", "low"))
+        row = compare_runs(high, low, resamples=resamples, seed=profile.seed)
+        figures = (f"high {row['overall IoU']:.1f}% against low {row['overall IoU'] - row['Δ all']:.1f}%: "
+                   f"{row['Δ all']:+.1f} points (95% CI {row['Δ all low']:+.1f} to {row['Δ all high']:+.1f}; 1 seed)")
+        status = CONFIRMED if row["Δ all low"] > 0 else CONTRADICTED if row["Δ all high"] < 0 else NO_DIFFERENCE
+    else:
+        figures, status = "no evaluation in the run folder (chapter 7)", NOT_MEASURED
+    rows.append(("the high-resolution model beats the low-resolution one (Table 1)", "7 Evaluation", figures, status))
+    seeds, _ = seed_table(kept_file, profile)
+    if seeds is None:
+        rows.append(("the model beats each baseline (Table 1)", "7 Evaluation", "no kept baseline seeds "
+                     "(`make ablations`)", NOT_MEASURED))
+    else:
+        ours = tuple(seeds.loc["ours, high resolution", ["mean", "sd"]])
+        judged = {name: versus(ours, (r["mean"], r["sd"])) for name, r in seeds.drop(index="ours, high resolution")
+                  .iterrows()}
+        above = [name for name, verdict in judged.items() if verdict == "is below"]
+        best = seeds.drop(index="ours, high resolution")["mean"].idxmax()
+        figures = (f"ours {ours[0]:.1f} ± {ours[1]:.1f}; best baseline: {best} {seeds.loc[best, 'mean']:.1f} ± "
+                   f"{seeds.loc[best, 'sd']:.1f} ({len(seeds.columns) - 2} seeds; overall IoU, %)")
+        status = (CONTRADICTED + f" ({len(above)} baseline{'s' if len(above) > 1 else ''} above the model)" if above
+                  else CONFIRMED if all(v == "beats" for v in judged.values()) else NO_DIFFERENCE)
+        rows.append(("the model beats each baseline (Table 1)", "7 Evaluation", figures, status))
+    summary, stale = read_summary(kept_file, profile)
+    table = pd.DataFrame(summary["table"]).set_index("variant") if summary is not None and not stale else None
+    for claim, variant in (("the spatial channels matter (SPEC 4)", "spatial-0"),
+                           ("L2 normalisation matters (SPEC 4)", "no-l2-norm"),
+                           ("an LSTM reads the expression better than a bag of words (SPEC 4)", "bag-of-words")):
+        rows.append((claim, "8 Ablations", *_ablation_verdict(table, variant)))
+    rows.append(("48.03% overall IoU on ReferIt's test split (Table 1, SPEC 6)", "7 Evaluation, paper profile",
+                 "needs ReferIt's images, which cannot be had here", "not testable without ReferIt's images"))
+    text = json.loads(Path(real_text_file).read_text()) if real_text_file and Path(real_text_file).is_file() else None
+    if text is None:
+        rows.append(("ReferIt's text as SPEC 2 records it", "1 Data, 9 Real text",
+                     "no ReferIt text files (`referseg data fetch-referit-text`)", NOT_MEASURED))
+    else:
+        stats = text["statistics"]
+        figures = (f"{stats['trainval_pairs']:,} trainval and {stats['test_pairs']:,} test expressions, "
+                   f"{stats['mean_tokens']:.2f} tokens per expression, {stats['unknown_trainval']:.2f}% and "
+                   f"{stats['unknown_test']:.2f}% unknown tokens (official vocabulary)")
+        rows.append(("ReferIt's text as SPEC 2 records it", "1 Data, 9 Real text", figures,
+                     "reproduced on ReferIt's text" if text["matches_spec"] else "differs from SPEC 2"))
+        iou = text["overall_iou"]
+        rows.append(("(this study) what the words alone know, on ReferIt's test boxes", "9 Real text",
+                     f"words alone {iou['text-only']:.1f}%, whole image {iou['whole-image']:.1f}%, mean box "
+                     f"{iou['mean-box']:.1f}% ({text['pairs']:,} test pairs; box IoU, not the paper's mask IoU)",
+                     "measured on ReferIt's text (no paper claim)"))
+    return pd.DataFrame(rows, columns=["claim", "tested in", "measured", "status"])
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A frame as a Markdown pipe table (for a page that includes a generated table)."""
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(cell, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+# SPEC 2's figures for ReferIt's text with the official vocabulary (the real-text chapter checks them).
+SPEC_REFERIT_TEXT = {"trainval_pairs": 59_976, "test_pairs": 60_105, "mean_tokens": 3.54, "unknown_trainval": 4.95,
+                     "unknown_test": 4.99}
+
+
+def real_text_summary(refer: Any, vocab: Vocabulary, table: pd.DataFrame, pairs: int) -> dict[str, Any]:
+    """What the real-text chapter measured, for the introduction's verdicts: ReferIt's text
+    statistics (``stats_table`` of the trainval and test splits; mean tokens over both) against
+    SPEC 2's, and the words-alone table's overall IoU (%) per method on ``pairs`` test pairs."""
+    from referseg.data.refer import stats_table
+    from referseg.evaluate import WORDS_ALONE
+
+    stats = stats_table(refer, vocab)
+    both = stats.loc[["trainval", "test"]]
+    measured = {"trainval_pairs": int(both.loc["trainval", "pairs"]), "test_pairs": int(both.loc["test", "pairs"]),
+                "mean_tokens": round(float((both["len_mean"] * both["pairs"]).sum() / both["pairs"].sum()), 2),
+                "unknown_trainval": float(both.loc["trainval", "pct_unknown"]),
+                "unknown_test": float(both.loc["test", "pct_unknown"])}
+    by_label = table["overall IoU"]
+    return {"statistics": measured, "spec": SPEC_REFERIT_TEXT, "matches_spec": measured == SPEC_REFERIT_TEXT,
+            "pairs": int(pairs), "overall_iou": {key: float(by_label[label]) for key, label in WORDS_ALONE.items()}}
+
+
+def error_budget(run_dir: str | Path, profile: Profile, kept_file: str | Path) -> pd.DataFrame:
+    """Each deviation of this study from the official recipe that a future ReferIt run inherits,
+    with its effect where this build measured one (the run folder's evaluation, the kept grid),
+    and otherwise what is expected and why it is not measured here."""
+    import json
+
+    import pandas as pd
+
+    from referseg.provenance import read_summary
+
+    rows = []
+    summary_file = Path(run_dir) / "eval" / f"ours-highres_{profile.eval_split}.json"
+    if summary_file.is_file():
+        modes = json.loads(summary_file.read_text())["by_mode"]
+        if {"logits", "official"} <= set(modes):
+            gap = 100 * (modes["official"]["overall_iou"] - modes["logits"]["overall_iou"])
+            effect = f"official minus default: {gap:+.2f} points of overall IoU (this run, chapter 7)"
+        else:
+            effect = "not computed in this run"
+    else:
+        effect = "no evaluation in the run folder (chapter 7)"
+    rows.append(("evaluation mode: logits thresholded at the original size, not the 0/1 map resized",
+                 "measured", effect))
+    summary, stale = read_summary(kept_file, profile)
+    table = pd.DataFrame(summary["table"]).set_index("variant") if summary is not None and not stale else None
+    for name, what in (("init-official", "initialisation: PyTorch's defaults, not the official one (SPEC 4)"),
+                       ("stage0", "no box-retrieval stage 0 before stage 1 (SPEC 5)"),
+                       ("stage0-official", "stage 0 with the official initialisation: the official recipe")):
+        if table is not None and name in table.index:
+            row = table.loc[name]
+            effect = (f"{row['label']} minus the study's default: {row['Δ all']:+.1f} points (95% CI "
+                      f"{row['Δ all low']:+.1f} to {row['Δ all high']:+.1f}, {int(row['seeds'])} seeds; SynthRef, "
+                      "chapter 8)")
+            rows.append((what, "measured on SynthRef", effect))
+        else:
+            rows.append((what, "not measured in this build", "no current kept grid (`make ablations`)"))
+    rows += [
+        ("VGG-16 weights: torchvision's ImageNet weights and normalisation, not the Caffe model", "expected",
+         "sign unknown: both are ImageNet VGG-16s, but their features differ, and the official classifier "
+         "was trained on the Caffe model's; only a ReferIt run can measure it"),
+        ("precision: bfloat16 on a GPU (optional; float32 by default)", "expected",
+         "small with float32 (the default matches the official code); bf16 is measured only for speed, "
+         "in the benchmarks, because no GPU ran this build"),
+        ("vocabulary: built from the training split unless the official file is given (SPEC 2)", "expected",
+         "none with the official file, which the paper profile can load (the real-text chapter uses it)"),
+        ("resizing: OpenCV bilinear, not skimage.transform.resize, with the official geometry", "expected",
+         "pixels at region borders only: the letterbox geometry agrees with the official code exactly"),
+    ]
+    return pd.DataFrame(rows, columns=["deviation from the official recipe", "status", "effect"])

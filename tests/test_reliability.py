@@ -381,11 +381,11 @@ def test_ablation_summary_records_its_provenance_and_knows_when_it_is_stale(synt
     assert saved["seeds"] == [0, 1] and {row["variant"] for row in saved["table"]} == {"reference", "spatial-0"}
     origin = saved["provenance"]
     assert origin["command"] and origin["machine"] and origin["finished_utc"] and origin["seconds"] >= 0
-    assert len(origin["package_hash"]) == 64
+    assert len(origin["code_hash"]) == 64
     _, stale = read_summary(summary, profile.replace(spatial_channels=2))
     assert len(stale) == 1 and "spatial_channels" in stale[0]
     data = json.loads(summary.read_text())
-    data["provenance"]["package_hash"] = "0" * 64
+    data["provenance"]["code_hash"] = "0" * 64
     summary.write_text(json.dumps(data))
     _, stale = read_summary(summary, profile)
     assert len(stale) == 1 and "other code" in stale[0]

@@ -250,12 +250,16 @@ def test_describe_difference_says_what_the_interval_allows():
     assert viz.describe_difference(table, "spatial-0") == (
         "spatial channels = 0 channels lowers overall IoU on all expressions by 5.0 points "
         "(95% CI -6.5 to -3.5; 2 seeds).")
-    assert "within the noise" in viz.describe_difference(table, "no-l2-norm")
+    assert "makes no difference on all expressions: +1.0 points, an interval that spans zero" in (
+        viz.describe_difference(table, "no-l2-norm"))
     assert "1 seed)" in viz.describe_difference(table, "no-l2-norm")
     assert "raises overall IoU on position expressions by 3.0" in viz.describe_difference(table, "no-l2-norm",
                                                                                           "position")
     assert viz.describe_difference(table, "spatial-0", "position") == "0 channels: no position expressions to compare."
     assert viz.describe_difference(table, "bag-of-words").startswith("bag-of-words: not run")
+    table.loc["spatial-0", "overall IoU"] = 0.0  # a variant that predicts nothing has no effect to report
+    assert "0 channels did not learn within the budget: overall IoU 0.0%" in viz.describe_difference(table,
+                                                                                                    "spatial-0")
 
 
 def test_plot_group_shows_the_reference_and_the_differences():
