@@ -40,6 +40,12 @@
 # * - why down-weight negatives in stage 2?
 #   - 1/3 (SPEC §5)
 #   - 1 (`stage2={"neg_weight": 1.0}`)
+# * - does the official initialisation help (SPEC §4, §8)?
+#   - the profile's (`init`)
+#   - the other one
+# * - does the box-retrieval stage 0 help (SPEC §5)?
+#   - the profile's (`pretrain`)
+#   - on; on with the official initialisation (the official recipe)
 # * - is a pretrained backbone worth it?
 #   - pretrained, frozen, features cached
 #   - slim VGG-16 trained from scratch in the same training time
@@ -51,12 +57,18 @@
 # confidence interval over the test samples (the test pairs are drawn with replacement
 # and overall IoU recomputed), and each difference with a *paired* interval (both models
 # scored on the same resampled pairs), usually much narrower than two separate
-# intervals. With several seeds the intervals average the seeds on the same resampled
-# pairs.
+# intervals. With several seeds each resampled test set scores the mean of the seeds'
+# runs, so the intervals cover the test samples and the seeds' average; the `seed sd`
+# column gives the spread between seeds. A difference whose interval spans zero is
+# called no difference.
 #
-# The runs go to `<run_dir>/ablations/<variant>/seed<k>/`; results are saved there and
-# in `<run_dir>/ablations/results.csv`, so running the chapter again with the same
-# parameters only reads them back.
+# **Where the numbers come from.** Every variant at the profile's whole schedule over
+# three seeds takes longer than this book may (`make ablations`, about an hour and a
+# half on two cores). Its small summary is kept in the repository with the command,
+# commit, machine, time, profile and a hash of the code that made it, and this chapter
+# shows it whenever it is current. Otherwise (another profile, other code) the chapter
+# says so and runs a **quick grid** here, at a fraction of the schedule, labelled as
+# such in every heading that follows.
 
 # %% tags=["parameters"]
 from typing import Optional
@@ -77,7 +89,8 @@ slim_width_mult: float = 0.25  # channel width of the slim VGG-16 trained from s
 probe_iterations: int = 4  # iterations of the probe run that times the slim VGG-16
 # PyTorch CPU threads (None: its default, all cores); 1 when other work shares the cores
 threads: Optional[int] = None  # PyTorch CPU threads; None: all cores
-kept_grid: str = "book/results/ablations_cpu.json"  # the full grid (make ablations)
+kept_grid: str = ""  # kept full grid; "": book/results/ablations_<profile>.json
+quick: str = "auto"  # auto: quick grid only without a current full grid; always; never
 
 # %% tags=["hide-input"]
 import json
@@ -91,9 +104,11 @@ from IPython.display import display
 
 from referseg import ablations, viz
 from referseg.config import get_profile, profile_changes
-from referseg.metrics import bootstrap_overall_iou, overall_iou, overall_iou_by
+from referseg.metrics import bootstrap_overall_iou, overall_iou
+from referseg.provenance import read_summary
 
 viz.setup_style()
+claims = viz.Claims(profile, "08_ablations")
 seeds = [int(seed)] if seeds is None else [int(s) for s in seeds]
 base = get_profile(profile, **overrides)
 reference = ablations.reference_profile(
@@ -136,46 +151,55 @@ grid_table
 # %% [markdown]
 # ## The full grid, kept from `make ablations`
 #
-# Every variant at the profile's whole schedule over several seeds takes about an hour
-# on two cores, longer than this book's budget. `make ablations` runs it once and keeps
-# its small summary in the repository with the command, commit, machine, time, profile
-# and a hash of the code that made it. The note above the table says where it comes
-# from and, first, when it is stale. Everything after this section is the **quick grid**
-# of this build, at a fraction of the schedule.
+# The note says who made the kept summary and, first, whether it is stale.
 
 # %% tags=["hide-input"]
 full_reference = get_profile(profile, **overrides)
-full_table, full_note = viz.kept_grid(kept_grid, full_reference)
+kept_file = kept_grid or f"book/results/ablations_{profile}.json"
+full_table, full_note = viz.kept_grid(kept_file, full_reference)
+kept, kept_stale = read_summary(kept_file, full_reference)
 viz.print_wrapped(full_note)
-if full_table is not None:
-    shown = ["label", "seeds", "overall IoU", "CI low", "CI high", "seed sd",
-             "Δ all", "Δ all low", "Δ all high"]
-    columns = [c for c in shown if c in full_table]
-    display(viz.dash_missing(full_table[columns].round(2)))
-    for name in full_table.index:
-        if name != ablations.REFERENCE:
-            viz.print_wrapped(viz.describe_difference(full_table, name))
+use_kept = full_table is not None and not kept_stale and quick != "always"
+if quick == "never" and not use_kept:
+    raise ValueError(f"quick='never' but no current full grid is kept in {kept_file}: "
+                     "run `make ablations`, or set quick='auto'")
+if use_kept:  # the kept summary holds everything the sections below show
+    source = f"the full grid ({len(kept['seeds'])} seeds, whole schedule)"
+    table, results = full_table, pd.DataFrame(kept["results"])
+    breakdowns = {key: kept[key]
+                  for key in ("by_type", "by_region", "type_pairs", "plans")}
+    grid_seeds, grid_reference = kept["seeds"], full_reference
+else:
+    source = (f"the QUICK grid of this build ({len(seeds)} seed(s), "
+              f"{reference.stage1.iterations}/{reference.stage2.iterations} "
+              "iterations)")
+print(f"The sections below show {source}.")
 
 # %% [markdown]
-# ## The quick grid of this build
-
-# %% [markdown]
-# ## Training and evaluating every variant
+# ## The quick grid, when no current full grid is kept
 #
 # One call trains both stages of each (variant, seed) with the package's trainer and
 # evaluates the final (high-resolution) model on the test split with the evaluation
 # protocol of SPEC §1. Variants with the reference's frozen backbone share its feature
-# cache. Finished runs are read back instead of retrained.
+# cache. Finished runs are read back instead of retrained. With a current full grid
+# kept, nothing runs here.
 
 # %%
-started = time.perf_counter()
-results = ablations.run_ablations(reference, grid, run_dir, seeds=seeds, stages=(1, 2),
-                                  device=device, budget_s=budget_s, resamples=resamples,
-                                  probe_iterations=probe_iterations, threads=threads)
-elapsed = time.perf_counter() - started
-status = results["status"].value_counts().to_dict()
-print(f"{len(results)} runs in {elapsed:.0f} s: "
-      + ", ".join(f"{n} {s}" for s, n in status.items()))
+if not use_kept:
+    started = time.perf_counter()
+    results = ablations.run_ablations(reference, grid, run_dir, seeds=seeds,
+                                      stages=(1, 2), device=device, budget_s=budget_s,
+                                      resamples=resamples,
+                                      probe_iterations=probe_iterations,
+                                      threads=threads)
+    elapsed = time.perf_counter() - started
+    status = results["status"].value_counts().to_dict()
+    print(f"{len(results)} runs in {elapsed:.0f} s: "
+          + ", ".join(f"{n} {s}" for s, n in status.items()))
+    table = viz.comparison_table(run_dir, results, reference, resamples=resamples,
+                                 seed=seed)
+    breakdowns = viz.grid_breakdowns(run_dir, table.index, seeds)
+    grid_seeds, grid_reference = seeds, reference
 viz.dash_missing(results.round(4))
 
 # %% [markdown]
@@ -188,8 +212,7 @@ viz.dash_missing(results.round(4))
 # the training loops. The reference has no difference to itself ("–").
 
 # %%
-table = viz.comparison_table(run_dir, results, reference, resamples=resamples,
-                             seed=seed)
+print(f"from {source}")
 shown = ["group", "label", "seeds", "overall IoU", "CI low", "CI high",
          "Δ all", "Δ all low", "Δ all high", "Δ position", "Δ other", "train s",
          "iterations"]
@@ -222,10 +245,11 @@ for name in others:
 # %% [markdown]
 # ## Spatial channels: 8, 2 or none
 #
-# The official code gives the classifier 8 coordinates per cell, the paper describes 2,
-# and without any the classifier only sees what the visual features say about position
-# (their receptive fields and padding carry some). If the channels matter, they should
-# matter most for expressions that name a place.
+# The official code gives the classifier 8 coordinates per cell; the paper's text
+# describes 2 (SPEC §4 and §8 record the difference). Without any, the classifier only
+# sees what the visual features say about position (their receptive fields and padding
+# carry some). One would expect the channels to matter most for expressions that name a
+# place; the per-type table below says whether they do here.
 
 # %%
 spatial = [n for n in ("spatial-2", "spatial-0") if n in table.index]
@@ -240,23 +264,19 @@ for name in spatial:
 # The same numbers per expression type (overall IoU in %, averaged over seeds):
 
 # %% tags=["hide-input"]
-def per_type(names: list[str]) -> pd.DataFrame:
-    """Overall IoU (%) per SynthRef expression type for some variants, from their
-    per-sample results."""
-    columns = {}
-    for name in names:
-        samples = ablations.load_samples(run_dir, name, seeds)
-        if samples is not None:
-            columns[name] = 100 * overall_iou_by(samples, "type")
-    frame = pd.DataFrame(columns)
-    if not frame.empty:
-        samples = ablations.load_samples(run_dir, ablations.REFERENCE, seeds[:1])
-        counts = samples["type"].value_counts() if samples is not None else np.nan
-        frame["test pairs"] = counts
-    return frame.round(1)
-
-
-viz.dash_missing(per_type([ablations.REFERENCE, *spatial]))
+by_type = pd.DataFrame(breakdowns["by_type"])
+types = by_type[[n for n in (ablations.REFERENCE, *spatial) if n in by_type]].copy()
+types["test pairs"] = pd.Series(breakdowns["type_pairs"])
+display(viz.dash_missing(types.round(1)))
+for name in spatial:
+    if name in by_type and ablations.REFERENCE in by_type:
+        loss = (by_type[name] - by_type[ablations.REFERENCE]).sort_values()
+        rank = list(loss.index).index("position") + 1 if "position" in loss else None
+        viz.print_wrapped(
+            f"{table.loc[name, 'label']}, change per type against the reference: "
+            + ", ".join(f"{kind} {value:+.1f}" for kind, value in loss.items())
+            + " points" + (f"; position expressions come {rank} of {len(loss)} "
+                           "(1: the largest loss)" if rank else "") + ".")
 
 # %% [markdown]
 # ## L2 normalisation, text encoder, low-resolution labels
@@ -276,6 +296,44 @@ for name in ("no-l2-norm", "bag-of-words", "nearest-labels"):
         viz.plot_group(table, [name], title=table.loc[name, "group"])
         plt.show()
         viz.print_wrapped(viz.describe_difference(table, name))
+reversals = [name for name in ("no-l2-norm", "bag-of-words")
+             if name in table.index and table.loc[name, "Δ all low"] > 0]
+if reversals:
+    viz.print_wrapped(
+        "Against the paper's design on SynthRef: "
+        + " and ".join(table.loc[n, "group"] + " = " + table.loc[n, "label"]
+                       for n in reversals)
+        + " scores above the reference, with an interval that excludes zero.")
+else:
+    print("No variant of this section scores above the reference beyond its interval.")
+
+# %% [markdown]
+# When a part of the method the paper relies on scores *below* its removal here, the
+# data can say why. SynthRef's expressions are short (a few words, one region each), so
+# an LSTM has little order to read and more parameters to fit than a bag of words in a
+# short schedule. The L2 normalisation puts text and image on the same scale; without
+# it the classifier can weight them freely, which a small, clean dataset may reward.
+# Neither says what happens on ReferIt's longer, noisier expressions (chapter 9 measures
+# what those expressions alone carry).
+
+# %% [markdown]
+# ## Initialisation and the box-retrieval stage 0
+#
+# The official code initialises the embedding, the LSTM's single gate biases and the
+# classifier differently from PyTorch's defaults (SPEC §4, §8), and starts stage 1 from
+# a box-retrieval stage 0 (SPEC §5) trained on proposals of the training images. The
+# chosen profile values come from the validation sweep of chapter 4; here they are
+# tested on the test split over seeds.
+
+# %%
+for name in ("init-official", "stage0", "stage0-official"):
+    if name in table.index:
+        viz.print_wrapped(viz.describe_difference(table, name))
+present = [n for n in ("init-official", "stage0", "stage0-official")
+           if n in table.index]
+if present:
+    viz.plot_group(table, present, subsets=("all",), title="initialisation and stage 0")
+    plt.show()
 
 # %% [markdown]
 # ## Stage 2: the weight of the negatives
@@ -307,15 +365,14 @@ if "neg-weight-1" in table.index:
 
 # %% tags=["hide-input"]
 slim = "slim-vgg16-scratch"
-plan_file = Path(run_dir) / ablations.ABLATIONS_DIR / slim / ablations.PLAN_FILE
-if plan_file.is_file():
-    plan = json.loads(plan_file.read_text())
+plan = breakdowns["plans"].get(slim)
+if plan is not None:
     display(pd.DataFrame({
         "reference loop (s)": plan["reference_seconds"],
         "slim s / iteration (probe)": plan["seconds_per_iteration"],
         "slim iterations": plan["iterations"],
-        "reference iterations": {"1": reference.stage1.iterations,
-                                 "2": reference.stage2.iterations},
+        "reference iterations": {"1": grid_reference.stage1.iterations,
+                                 "2": grid_reference.stage2.iterations},
     }).rename_axis("stage").round(3))
     finished = results[results["status"].isin(["trained", "reused"])]
     trained = finished.set_index(["variant", "seed"])["train_s"]
@@ -326,26 +383,31 @@ viz.print_wrapped(viz.describe_difference(table, slim))
 if slim in table.index:
     viz.plot_group(table, [slim], title="backbone")
     plt.show()
-    samples = {name: ablations.load_samples(run_dir, name, seeds)
-               for name in (ablations.REFERENCE, slim)}
-    by_region = pd.DataFrame({name: 100 * overall_iou_by(s, "region")
-                              for name, s in samples.items() if s is not None}).round(1)
-    display(by_region.rename_axis("overall IoU (%) on"))
+    by_region = pd.DataFrame(breakdowns["by_region"])
+    shown_regions = [n for n in (ablations.REFERENCE, slim) if n in by_region]
+    display(by_region[shown_regions].round(1).rename_axis("overall IoU (%) on"))
 
 # %% [markdown]
 # ## What to keep in mind
 #
-# - These are SynthRef results with the profile's small network and fewer iterations
-#   than the profile's own run (see the settings printed at the top); they rank the
-#   parts of the method on this data, they do not predict their effect on ReferIt.
+# - These are SynthRef results with the profile's small network (the line printed at
+#   the end of this section says which grid, schedule and seeds). They measure each
+#   part's effect on this data in this budget; they do not predict its effect on
+#   ReferIt, and one part's effect is not a ranking of the parts.
 # - The bootstrap intervals treat test pairs as independent, but pairs of one image
 #   share the image (exercise 2 resamples whole images instead). With one seed they
-#   leave out the training noise, which seeds would add: an interval that excludes 0
-#   with one seed is evidence, not proof.
+#   leave out the training noise: an interval that excludes 0 with one seed is
+#   evidence, not proof. With several seeds, compare a difference with the `seed sd`
+#   column too.
 # - Each variant changes one thing; the parts may interact (for example, the spatial
 #   channels are not normalised, so their weight relative to the normalised vectors
 #   changes when L2 normalisation is off).
-#
+
+# %% tags=["hide-input"]
+seed_counts = sorted({int(n) for n in table["seeds"]})
+print(f"Shown: {source}; seeds per variant: {'/'.join(map(str, seed_counts))}.")
+
+# %% [markdown]
 # ## Exercises
 #
 # 1. *(easy)* Which expression type loses most when the spatial channels are removed?
@@ -353,11 +415,8 @@ if slim in table.index:
 #    per-sample results (`ablations.load_samples`) and sort the types by the difference.
 
 # %% tags=["solution", "hide-cell"]
-pair = {name: ablations.load_samples(run_dir, name, seeds)
-        for name in (ablations.REFERENCE, "spatial-0")}
-if all(s is not None for s in pair.values()):
-    iou = pd.DataFrame({name: 100 * overall_iou_by(s, "type")
-                        for name, s in pair.items()})
+if {"spatial-0", ablations.REFERENCE} <= set(by_type):
+    iou = by_type[[ablations.REFERENCE, "spatial-0"]].copy()
     iou["difference"] = iou["spatial-0"] - iou[ablations.REFERENCE]
     display(iou.sort_values("difference").round(1))
 else:
@@ -382,7 +441,10 @@ def image_bootstrap(samples: pd.DataFrame, resamples: int = 1000,
     return float(low), float(high)
 
 
-ref_samples = ablations.load_samples(run_dir, ablations.REFERENCE, seeds[:1])
+ref_samples = ablations.load_samples(run_dir, ablations.REFERENCE, grid_seeds[:1])
+if ref_samples is None:  # the kept grid's runs are elsewhere: this book's own run
+    own = Path(run_dir) / "eval" / f"ours-highres_{full_reference.eval_split}.csv"
+    ref_samples = pd.read_csv(own, keep_default_na=False) if own.is_file() else None
 if ref_samples is not None:
     pair_ci = bootstrap_overall_iou(ref_samples["intersection"], ref_samples["union"],
                                     resamples, seed=seed)
@@ -425,9 +487,12 @@ if ref_samples is not None:
 #    SynthRef test word order at all?
 
 # %% tags=["solution", "hide-cell"]
-bow = {name: ablations.load_samples(run_dir, name, seeds[:1])
+bow = {name: ablations.load_samples(run_dir, name, grid_seeds[:1])
        for name in (ablations.REFERENCE, "bag-of-words")}
-if all(s is not None for s in bow.values()):
+if any(s is None for s in bow.values()):
+    print("needs the per-sample results of the grid's runs: `make ablations` (or the "
+          "quick grid, quick='always') writes them to the run folder")
+else:
     columns = ["sent_id", "image_id", "ann_id", "expression", "intersection", "union"]
     frame = bow[ablations.REFERENCE][columns].copy()
     words = frame["expression"].str.lower().str.split()

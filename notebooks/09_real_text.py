@@ -56,6 +56,7 @@ test_pairs: int = 0  # test pairs scored; 0: all 60,105 (smoke: a seeded 3,000)
 retrain: bool = False  # True: train again even if <run_dir>/text holds the model
 
 # %%
+import json
 import math
 import shutil
 import textwrap
@@ -64,7 +65,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
@@ -79,6 +79,7 @@ from referseg.evaluate import (
     mean_box_prior,
     words_alone_table,
 )
+from referseg.io import atomic_write_text
 from referseg.predict import text_only_logits
 from referseg.runs import Run, check_profile, load_checkpoint, read_checkpoint, read_log
 from referseg.train import train
@@ -218,12 +219,14 @@ if have_text:
     for message in unknown:
         print(textwrap.fill(str(message.message), 88))
     display(table)
+    # the introduction's verdicts read this chapter's figures from the run folder
+    summary = viz.real_text_summary(run.refer, vocab, table, scored)
+    atomic_write_text(text_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 # %% [markdown]
 # The timing above is this build's: one epoch of training and the evaluation of every
-# test pair (the smoke profile does less), on the machine the book was built on. When
-# this chapter was written, on one thread of a two-core machine that other jobs kept
-# busy, they took 33 s and 18 s: 51 s in all.
+# test pair (the smoke profile does less), on the machine the book was built on (the
+# appendix times every chapter).
 #
 # The counts through runs of pixels are those of the pixel-by-pixel path
 # (`prediction_mask`, then the mask against the box) up to float rounding; a sample of

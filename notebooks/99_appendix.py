@@ -35,10 +35,13 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import torch
+from IPython.display import display
 
 import referseg
-from referseg.book import cpu_model, lock_summary, package_version
+from referseg import viz
+from referseg.book import cpu_model, data_hash, lock_summary, package_version
 from referseg.config import Profile, get_profile
+from referseg.provenance import git_commit
 
 executed_dir = Path("book/notebooks")
 config_file = Path(run_dir) / "config.json"
@@ -55,6 +58,8 @@ else:
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
 environment = {
     "referseg": referseg.__version__,
+    "git commit": git_commit(Path(".")),
+    f"data ({config.data_root})": f"sha256 {data_hash(config.data_root)}…",
     "python": sys.version.split()[0],
     "platform": platform.platform(),
     "CPU": f"{cpu_model()} ({os.cpu_count()} logical cores, "
@@ -83,6 +88,26 @@ differ
 
 # %% tags=["hide-cell"]
 lock
+
+# %% [markdown]
+# ## The verdict per claim of the paper
+#
+# The introduction's table, computed here from this edition's results: the run folder's
+# evaluation (chapter 7), the kept ablation grid with its baseline seeds (chapters 7 and
+# 8) and the real-text chapter's summary (chapter 9). It is written to
+# `book/_generated/verdicts.md`, which the introduction includes, with the error budget
+# for a ReferIt run (`error_budget.md`).
+
+# %% tags=["hide-input"]
+verdict_table = viz.verdicts(run_dir, config, f"book/results/ablations_{profile}.json",
+                             Path(run_dir) / "text" / "summary.json")
+generated = Path("book/_generated")
+generated.mkdir(parents=True, exist_ok=True)
+(generated / "verdicts.md").write_text(viz.markdown_table(verdict_table))
+budget = viz.error_budget(run_dir, config, f"book/results/ablations_{profile}.json")
+(generated / "error_budget.md").write_text(viz.markdown_table(budget))
+display(verdict_table.set_index("claim"))
+budget.set_index("deviation from the official recipe")
 
 # %% [markdown]
 # ## Profile and seeds
