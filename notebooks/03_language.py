@@ -13,15 +13,13 @@
 # %% [markdown]
 # # Language encoding: tokens, vocabulary, LSTM
 #
-# > *"Given a natural language expression [...] we embed each word into a vector through
-# > a word embedding matrix, and use a recurrent LSTM network with $D_{text}$
-# > dimensional hidden state to scan through the embedded word sequence. [...] We use
-# > the hidden state at the final time step as the encoded vector representation of the
-# > expression. Similar to the visual features, we also L2-normalize the $D_{text}$
-# > dimensional elements of $h$."* (paraphrasing {cite:t}`hu2016segmentation`, Section
-# > 3.1)
+# In Section 3.1 of the paper, {cite:t}`hu2016segmentation` encode the expression as
+# follows (our paraphrase, not a quotation): each word is embedded by a word embedding
+# matrix, an LSTM with a $D_{text}$-dimensional hidden state reads the embedded words,
+# its hidden state at the final step is the expression's vector, and that vector is
+# L2-normalised, like the visual features.
 #
-# SPEC §2 and §4 fix the details the paper leaves out, all taken from the official code:
+# SPEC §2 and §4 give the details, all taken from the official code:
 # the tokenizer (a regular expression that keeps separators as tokens), the vocabulary
 # (4 special tokens, then words), the length $T = 20$ with **left** padding, and the
 # LSTM (1000-d embedding, 1000 hidden units, forget-gate bias 1, zero initial state).
@@ -136,16 +134,27 @@ if referit is not None:
                       if t not in referit_vocab)
     common = [(repr(t), n) for t, n in unknown.most_common(8)]
     viz.print_wrapped(f"most frequent unknown test tokens: {common}")
+    unknown_total = sum(unknown.values())
+    separators = sum(n for t, n in unknown.items() if not any(c.isalnum() for c in t))
+    viz.print_wrapped(
+        f"Of the {unknown_total:,} unknown ReferIt test tokens, {separators:,} "
+        f"({100 * separators / max(unknown_total, 1):.0f}%) are separators with their "
+        "spaces (such as ', ' and ' - '); the others are words that the vocabulary "
+        "lacks.")
 else:
     print("ReferIt statistics skipped: no official query files")
 
 # %% [markdown]
-# Most unknown tokens are separators with their spaces (`", "`, `" - "`) and rare words
-# or typos. This run's vocabulary is built from SynthRef's training split, so the
-# unknown tokens on its test split are the noise words the generator sprinkles in
-# (typos, "thingy"):
+# On ReferIt, the lines above say which kinds of token are unknown (when the official
+# query files are present). This run's vocabulary is built from its own training split.
+# SynthRef's generator adds a noise word to a few expressions (the share is `NOISE_RATE`
+# in `referseg/data/synthetic.py`): a typo ("cirlce"), a filler ("um") or an odd word
+# ("thingy"). The next cell counts the test tokens that the vocabulary
+# lacks, and says whether the noise words are among them.
 
 # %%
+from referseg.data.synthetic import FILLER_WORDS, ODD_THING_WORDS, TYPOS
+
 refer = load_refer(cfg)
 vocab = build_vocab(cfg, refer)
 run_expressions = {split: [p.expression for p in refer.pairs(split)]
@@ -153,10 +162,44 @@ run_expressions = {split: [p.expression for p in refer.pairs(split)]
 print(f"this run's vocabulary ({cfg.dataset}, built from {cfg.train_split!r}): "
       f"{len(vocab)} tokens")
 display(language_stats(run_expressions, vocab))
-unknown = Counter(t for e in run_expressions[cfg.eval_split] for t in tokenize(e)
-                  if t not in vocab)
+test_tokens = [t for e in run_expressions[cfg.eval_split] for t in tokenize(e)]
+unknown = Counter(t for t in test_tokens if t not in vocab)
+unknown_share = sum(unknown.values()) / max(len(test_tokens), 1)
 common = [(repr(t), n) for t, n in unknown.most_common(8)]
 viz.print_wrapped(f"unknown test tokens: {common}")
+noise_words = set(FILLER_WORDS) | set(ODD_THING_WORDS) | set(TYPOS.values())
+noisy = Counter(t for t in test_tokens if t in noise_words)
+noisy_unknown = sum(n for t, n in unknown.items() if t in noise_words)
+train_words = {t for e in run_expressions[cfg.train_split] for t in tokenize(e)}
+n_train, n_test = (len(run_expressions[s]) for s in (cfg.train_split, cfg.eval_split))
+if cfg.dataset != "synthref":
+    sentence = (f"{sum(unknown.values()):,} of the {len(test_tokens):,} test tokens "
+                f"({unknown_share:.2%}) are unknown to this vocabulary.")
+elif not unknown:
+    if noisy:
+        seen = "each of them" if set(noisy) <= train_words else "not all of them"
+        noise = (f"The generator's noise words occur {sum(noisy.values())} times in "
+                 f"the {cfg.eval_split} expressions "
+                 f"({', '.join(repr(t) for t in sorted(noisy))}), and {seen} also "
+                 f"occurs in the {cfg.train_split} split: its {n_train:,} expressions "
+                 f"draw on the same short word lists as the {n_test:,} "
+                 f"{cfg.eval_split} expressions. ")
+    else:
+        noise = (f"None of the generator's noise words occurs in the {cfg.eval_split} "
+                 "expressions. ")
+    sentence = (
+        f"No {cfg.eval_split} token is unknown to this vocabulary (0 of "
+        f"{len(test_tokens):,}). {noise}This run's model therefore never reads <unk> "
+        "at test time, unlike a model on ReferIt, whose unknown share SPEC §2 records "
+        "and the table above measures when the official query files are present.")
+else:
+    others = sum(unknown.values()) - noisy_unknown
+    sentence = (
+        f"{sum(unknown.values())} of the {len(test_tokens):,} {cfg.eval_split} tokens "
+        f"({unknown_share:.2%}) are unknown to this vocabulary: {noisy_unknown} of "
+        f"them are the generator's noise words, and {others} are words that the "
+        f"{n_train:,} {cfg.train_split} expressions do not use.")
+viz.print_wrapped(sentence)
 
 # %% [markdown]
 # ## Left padding to $T = 20$ (SPEC §2)
@@ -196,8 +239,9 @@ pd.DataFrame({"gate": ["input i", "forget f", "cell g", "output o"],
 # every expression follows the same trajectory (they read the same `<pad>` tokens from
 # the same zero state), then each one moves off when its first word arrives. With
 # **right** padding the final state would be read after a run of `<pad>` steps, which
-# wash the words out of the state: the final states of different expressions become
-# nearly the same vector ({numref}`fig-language-padding`).
+# can wash the words out of the state, so that the final states of different
+# expressions become alike ({numref}`fig-language-padding`; the line below the figure
+# compares them).
 
 # %% tags=["hide-input", "remove-output"]
 import matplotlib.pyplot as plt
@@ -249,6 +293,16 @@ viz.glue_figure("fig-language-padding", fig)
 # step $t$, with the official left padding (left) and with right padding (right); the
 # titles give the mean cosine similarity of the final states of different expressions.
 # ```
+
+# %% tags=["hide-input"]
+left_cosine = final_similarity(left_states)
+right_cosine = final_similarity(right_states)
+alike = ("more alike with right padding" if right_cosine > left_cosine else
+         "not more alike with right padding, for this encoder and these expressions")
+viz.print_wrapped(f"Mean cosine similarity of the final states of different "
+                  f"expressions: {left_cosine:.2f} with left padding, "
+                  f"{right_cosine:.2f} with right padding: the final states are "
+                  f"{alike}.")
 
 # %% [markdown]
 # ## The L2-normalised expression vector (SPEC §4)
@@ -311,7 +365,8 @@ pd.DataFrame.from_dict(rows, orient="index").rename_axis("min_count")
 # is always a real word. The cost is that the LSTM also reads up to $T - 1$ `<pad>`
 # steps first; their embedding is learned, and the starting state of the real words
 # depends on how many pads came before them, i.e. on the expression's length. The figure
-# above shows the alternative, right padding without lengths, washing the words out.
+# above compares it with the alternative, right padding without lengths, whose final
+# state is read after the pads.
 # ```
 
 # %% [markdown]

@@ -13,11 +13,11 @@
 # %% [markdown]
 # # Stage 2: the high-resolution model
 #
-# > *"[...] we add a deconvolution layer on top of the low-resolution score map, which
-# > upsamples it by a factor of 32 to the input size. [...] The deconvolution filter is
-# > initialized with bilinear interpolation and learned during training [...] with a
-# > per-pixel logistic loss."* (paraphrasing {cite:t}`hu2016segmentation`, Sections 3.2
-# > and 4; the upsampling follows {cite:t}`long2015fully`)
+# In Sections 3.2 and 4 of the paper, {cite:t}`hu2016segmentation` describe the
+# high-resolution model as follows (our paraphrase, not a quotation): a deconvolution
+# layer on top of the low-resolution score map upsamples it by a factor of 32 to the
+# input size; its filter starts as bilinear interpolation and is learned, with a
+# per-pixel logistic loss. The upsampling follows {cite:t}`long2015fully`.
 #
 # Stage 2 starts from stage 1's final weights and trains the whole model (frozen
 # convolutions apart) against the letterboxed mask at full input resolution. SPEC §4 and
@@ -258,6 +258,9 @@ print(f"{100 * positive:.1f}% of the letterboxed label pixels are foreground "
       f"(over {len(train_regions)} training regions)")
 weighted = positive / (positive + (1 - positive) / 3)
 print(f"weighted by 1 : 1/3, foreground carries {100 * weighted:.1f}% of the loss")
+claims = viz.Claims(profile, "05_stage2_high_resolution")
+claims("foreground is a minority of the label pixels", positive < 0.5,
+       f"{100 * positive:.1f}% foreground");
 
 # %% [markdown] tags=["solution"]
 # ```{admonition} Solution

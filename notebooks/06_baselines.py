@@ -13,11 +13,11 @@
 # %% [markdown]
 # # Baselines
 #
-# > *"We compare our method to the following baselines: [...] using the bounding box
-# > returned by a natural language object retrieval model [...] as foreground; [...]
-# > GrabCut on that box; [...] a per-word segmentation model [...]; classification over
-# > segmentation proposals [...]; and the whole image as foreground."* (paraphrasing
-# > {cite:t}`hu2016segmentation`, Section 4.1)
+# In Section 4.1 of the paper, {cite:t}`hu2016segmentation` compare their model with
+# five baselines (our paraphrase, not a quotation): the bounding box returned by a
+# natural-language object retrieval model, used as the foreground; GrabCut on that box;
+# a per-word segmentation model; classification over segmentation proposals; and the
+# whole image as the foreground.
 #
 # The paper measures its model against methods that segment without reading the
 # expression as a whole, or that only retrieve a box. SPEC §7 describes them; the
@@ -30,27 +30,30 @@
 #
 # * - baseline (SPEC §7)
 #   - here
-#   - the paper used
+#   - the paper used (SPEC §7)
 # * - whole image
 #   - every pixel is foreground
 #   - the same
 # * - box retrieval, box as mask / GrabCut of the box
 #   - an SCRC-style scorer {cite}`hu2016natural` picks a box among sliding boxes and
 #     segment boxes; the box, or GrabCut {cite}`rother2004grabcut` initialised with it
-#   - SCRC on EdgeBox proposals {cite}`zitnick2014edge`
+#   - SCRC scoring box proposals (the official code's box retrieval scores EdgeBoxes
+#     {cite}`zitnick2014edge`, SPEC §5)
 # * - per-word segmentation
 #   - one map per vocabulary word from one FCN head; an expression's map is the mean (or
 #     the intersection) of its words' maps
 #   - a segmentation model per word
 # * - classification over segmentation proposals
-#   - the scorer picks one of the Felzenszwalb segments and their merges
+#   - the scorer picks one of the segments of Felzenszwalb and Huttenlocher's graph
+#     segmentation {cite}`felzenszwalb2004efficient` and their merges
 #   - MCG proposals {cite}`arbelaez2014multiscale`
 # ```
 #
-# Their sizes are not in the paper; `BaselineSettings` holds the ones used here. This
-# chapter fits each baseline once on the run's training split, draws what it does, and
-# evaluates it on the test split, writing `eval/<method>_<split>.csv` and `.json` to the
-# run folder, which the evaluation chapter reads.
+# SPEC §7 gives no sizes for them (number of proposals, widths of the scorers);
+# `BaselineSettings` holds the ones used here. This chapter fits each baseline once on
+# the run's training split, draws what it does, and evaluates it on the test split,
+# writing `eval/<method>_<split>.csv` and `.json` to the run folder, which the
+# evaluation chapter reads. It then puts the model beside them.
 
 # %% tags=["parameters"]
 profile: str = "cpu"  # paper, cpu or smoke
@@ -76,10 +79,10 @@ from referseg.baselines import BASELINES, evaluate_baseline, fit_baseline
 from referseg.baselines.common import BaselineSettings
 from referseg.config import get_profile
 from referseg.data.transforms import prediction_mask
-from referseg.evaluate import paper_table
+from referseg.evaluate import OURS, evaluate_models, paper_table, saved_summary
 from referseg.metrics import (intersection_union, iou_from_counts, overall_iou,
                               summarize_groups)
-from referseg.runs import Run
+from referseg.runs import Run, stage_checkpoints
 
 viz.setup_style()
 cfg = get_profile(profile, **overrides)
@@ -116,13 +119,115 @@ for name in BASELINES:
                    "fit + test (s)": round(first["seconds"] * len(rows), 1),
                    **{k: round(v, 3) for k, v in first["fit_stats"].items()}})
 display(viz.dash_missing(pd.DataFrame(timing).set_index("baseline")))
-paper_table(summaries)
+# The model: chapter 5's high-resolution stage, evaluated as chapter 7 evaluates it
+# (its saved results are read back when they are newer than its checkpoint).
+split = run.profile.eval_split
+checkpoints = stage_checkpoints(run.run_dir)
+ours = saved_summary(run, "ours-highres", split)
+ours_file = run.eval_dir / f"ours-highres_{split}.json"
+if 2 in checkpoints and (ours is None or ours["mode"] != run.profile.eval_mode
+                         or ours_file.stat().st_mtime < checkpoints[2].stat().st_mtime):
+    ours = evaluate_models(run, split, stages=[2])["ours-highres"]
+elif 2 not in checkpoints:
+    ours = None
+    print(f"no stage-2 model in {run.run_dir}: the table has no row for the model")
+table = paper_table({**summaries, **({"ours-highres": ours} if ours else {})})
+table
 
 # %% [markdown]
-# All numbers are in % on this run's test split (the paper's table layout; the
-# evaluation chapter puts them beside our model). `best_overlap` is the mean IoU of the
-# *best* proposal for each training pair: the ceiling of a proposal method with a
-# perfect scorer; the methods without proposals show "–" there.
+# All numbers are in % on this run's test split, in the paper's table layout; the last
+# row is the model (chapter 5's high-resolution stage), evaluated with the same
+# protocol. The evaluation chapter adds the low-resolution model and breaks the results
+# down. `best_overlap` is the mean IoU of the *best* proposal for each training pair:
+# the ceiling of a proposal method with a perfect scorer; the methods without proposals
+# show "–" there.
+#
+# ### The model against the baselines
+#
+# The paper's central comparison is this table on ReferIt: there its high-resolution
+# model comes out above every baseline ({cite:t}`hu2016segmentation`, Section 4.1 and
+# Table 1; SPEC §6 copies only the model's row, so the baselines' figures are not
+# repeated here). On this run the comparison reads:
+
+# %% tags=["hide-input"]
+model_label = OURS["ours-highres"][1]
+if ours is not None:
+    model_row = table.loc[model_label]
+    others = table.drop(index=model_label)
+
+    def listing(rows: pd.DataFrame) -> str:
+        return "; ".join(f"{label} ({row['overall IoU']:.2f})"
+                         for label, row in rows.iterrows())
+
+    score = others["overall IoU"]
+    groups = {"more": others[score > model_row["overall IoU"]],
+              "as much": others[score == model_row["overall IoU"]],
+              "less": others[score < model_row["overall IoU"]]}
+    sentence = (f"On {run.profile.dataset} {split} ({len(test_data)} pairs) the model "
+                f"reaches {model_row['overall IoU']:.2f}% overall IoU. Of the "
+                f"{len(others)} baseline rows, "
+                + "; ".join(f"{len(rows)} reach {word}: {listing(rows)}"
+                            for word, rows in groups.items() if len(rows)) + ". ")
+    if len(groups["less"]) == len(others):
+        sentence += "On overall IoU, this run agrees with the paper's outcome."
+    else:
+        sentence += ("On overall IoU, this run does not reproduce the paper's "
+                     "outcome.")
+    viz.print_wrapped(sentence)
+    ahead = {label: [f"{c} ({row[c]:.2f} against {model_row[c]:.2f})"
+                     for c in ("P@0.5", "mean IoU") if row[c] > model_row[c]]
+             for label, row in others.iterrows()}
+    ahead = {label: metrics for label, metrics in ahead.items() if metrics}
+    viz.print_wrapped(
+        "Above the model at P@0.5 or in mean IoU: "
+        + "; ".join(f"{label}: {', '.join(m)}" for label, m in ahead.items()) + "."
+        if ahead else "No baseline is above the model at P@0.5 or in mean IoU.")
+else:
+    print("no model to compare with: train chapter 5's stage 2 first")
+
+# %% [markdown]
+# Where a baseline built on proposals comes close to the model or beats it, the reason
+# lies in SynthRef's things: each is a shape of one colour, smoothly shaded, with a
+# darker rim (`referseg/data/synthetic.py`), so its outline is sharp against the ground
+# behind it. Felzenszwalb and Huttenlocher's graph segmentation
+# {cite}`felzenszwalb2004efficient`, a bottom-up method that merges neighbouring pixels
+# of similar colour, can then cut a thing along its outline, and the proposal scorer
+# only has to *pick* the right segment among the image's proposals (the first table
+# gives their number per image), with the help of SynthRef's words (a colour, a
+# category, a position) and the segment's pooled features. The model has to *draw* the
+# mask itself, from a $g \times g$ grid of decisions upsampled by its learned
+# deconvolution (chapter 5). How well the segments fit is measured by the bottom-up
+# ceiling: the IoU of the best proposal for each test pair, the best that a perfect
+# scorer could reach.
+
+# %% tags=["hide-input"]
+proposal_baseline = fitted["proposal-classification"]
+best = {"thing": [], "stuff": []}
+for k in range(len(test_data)):
+    segments = proposal_baseline.segments(test_data, int(test_data.pair_image[k]))
+    target_square = test_data.square_mask(k, proposal_baseline.resolution)
+    kind = "stuff" if test_data.pairs[k].is_stuff else "thing"
+    best[kind].append(float(segments.overlaps(target_square).max()))
+ceiling = {kind: 100 * float(np.mean(v)) for kind, v in best.items() if v}
+side = proposal_baseline.resolution
+parts = [f"{ceiling[kind]:.1f}% for the {len(best[kind])} test pairs that refer to "
+         f"{'things' if kind == 'thing' else 'stuff'}" for kind in ceiling]
+sentence = (f"The bottom-up ceiling, at the proposals' {side}x{side} letterbox: the "
+            f"best proposal's mean IoU is {' and '.join(parts)}.")
+picked = summaries["proposal-classification"]["by_region"].get("thing")
+if picked and "thing" in ceiling:
+    sentence += (f" On things, the fitted scorer's picks reach a mean IoU of "
+                 f"{100 * picked['mean_iou']:.1f}% (at the original size)")
+    if ours is not None and "thing" in ours["by_region"]:
+        sentence += (f", the model "
+                     f"{100 * ours['by_region']['thing']['mean_iou']:.1f}%")
+    sentence += "."
+viz.print_wrapped(sentence)
+
+# %% [markdown]
+# These numbers come from shapes that bottom-up segmentation can find along their
+# outline. They say little about the same comparison on photographs, where the paper
+# makes it; the `paper` profile runs it on ReferIt ({doc}`../paper_profile`).
 #
 # ## What each baseline predicts
 #
@@ -254,19 +359,60 @@ by_type["difference"] = by_type["proposal-classification"] - by_type["per-word-m
 by_type.sort_values("difference")
 
 # %% [markdown]
-# 3. *(medium)* Why can GrabCut *lower* the IoU of a well-chosen box on SynthRef, when
-#    it usually helps on photographs?
+# 3. *(medium)* GrabCut {cite}`rother2004grabcut` starts from the box that box retrieval
+#    picks and keeps the part of it that its colour models call foreground. Against the
+#    box itself, on this run:
+
+# %% tags=["hide-input"]
+box_row, cut_row = (table.loc[summaries[v]["label"]]
+                    for v in ("box-retrieval-box", "box-retrieval-grabcut"))
+raised = [f"{c} ({box_row[c]:.2f} to {cut_row[c]:.2f})" for c in table.columns
+          if cut_row[c] > box_row[c]]
+lowered = [f"{c} ({box_row[c]:.2f} to {cut_row[c]:.2f})" for c in table.columns
+           if cut_row[c] < box_row[c]]
+premise = ("GrabCut raises " + (", ".join(raised) if raised else "no metric")
+           + "; it lowers " + (", ".join(lowered) if lowered else "none") + ".")
+if raised and lowered:
+    question = "Why can one change of the masks raise some metrics and lower others?"
+else:
+    question = ("Why does GrabCut move every metric the same way here, and what would "
+                "make the metrics disagree?")
+viz.print_wrapped(f"{premise} {question}")
+
+# %% [markdown]
+#    Hint: overall IoU sums the intersections and the unions over all pairs (SPEC §1);
+#    mean IoU and precision average over pairs. Compare the two variants on stuff and on
+#    things, with the per-sample files `eval/box-retrieval-box_<split>.csv` and
+#    `eval/box-retrieval-grabcut_<split>.csv`.
+
+# %% tags=["solution", "hide-cell"]
+kinds = {}
+for variant in ("box-retrieval-box", "box-retrieval-grabcut"):
+    frame = pd.read_csv(Path(run_dir) / "eval" / f"{variant}_{test_data.split}.csv")
+    for kind, summary in summarize_groups(frame, "region").items():
+        kinds[(kind, variant)] = {
+            "pairs": int((frame["region"] == kind).sum()),
+            "overall IoU": round(100 * summary["overall_iou"], 1),
+            "mean IoU": round(100 * summary["mean_iou"], 1),
+            "P@0.5": round(100 * summary["precision@0.5"], 1)}
+pd.DataFrame.from_dict(kinds, orient="index").rename_axis(
+    ["region", "variant"]).sort_index()
 
 # %% [markdown] tags=["solution"]
 # ```{admonition} Solution
 # :class: dropdown
 #
-# GrabCut separates the box's content into foreground and background by colour models.
-# When the target overlaps another shape, or shares the colour of the stuff behind it (a
-# green shape on grass, a blue one against the sky), the colour models cannot tell them
-# apart and the cut leaks or shrinks. It also runs on the low-resolution letterbox used
-# for the proposals here, which blurs thin parts. A box that fits a compact shape
-# already has a high IoU, so there is little to gain and something to lose.
+# The metrics weigh pairs differently. Overall IoU is dominated by large regions: a
+# stuff band or a big thing adds many pixels to both sums, a small thing few. Mean IoU
+# and precision give every pair the same weight, and most pairs refer to things. A box
+# around a compact thing holds background in its corners, which GrabCut can remove,
+# raising that pair's IoU a little, often across the 0.5 threshold. On a large region
+# GrabCut can lose much more: when the target shares its colours with what lies around
+# it (a band of textured ground, a shape overlapping another of the same colour), its
+# colour models cannot tell them apart and the cut shrinks or leaks, and it runs on the
+# proposals' low-resolution letterbox, which blurs thin parts. Many small gains and a
+# few large losses raise the averages over pairs while lowering the ratio of sums; the
+# table above shows, per kind of region, whether that is what happens in this run.
 # ```
 
 # %% [markdown]

@@ -423,7 +423,7 @@ def test_every_notebook_runs_under_smoke_and_the_book_builds_without_warnings(bu
         assert len(injected) == 1 and HIDE_TAG in injected[0].metadata.tags
         assert (html / "book" / "notebooks" / f"{path.stem}.html").exists()
         assert re.search(rf"^{path.stem} +\d+\.\d s$", out, re.MULTILINE), out
-    for page in ("intro", "method", "data", "paper_profile", "teaching", "appendix", "bibliography"):
+    for page in ("intro", "method", "spec", "paper_profile", "teaching", "appendix", "bibliography"):
         assert (html / "book" / f"{page}.html").exists()
     bibliography = (html / "book" / "bibliography.html").read_text()
     assert "Segmentation from Natural Language Expressions" in bibliography
