@@ -121,12 +121,12 @@ else:
 # ## Training
 #
 # The `text` profile is the paper's geometry (512 letterbox, stride 32, a 16x16 grid)
-# with small widths, the official vocabulary and one epoch of stage 1 at learning rate
-# 0.1 (the `cpu` profile's choice for short schedules; SPEC §5 uses 0.01 over 30,000
-# iterations). A region's box is letterboxed and OR-pooled exactly as a mask would be
-# (SPEC §3, §5): the letterbox of a box is again a box, so no mask is drawn. The trainer
-# is the study's own (`referseg.train.train`); with `visual_features=False` it reads no
-# image and caches no feature, only tokens and labels.
+# with small widths, the official vocabulary and one epoch of stage 1 at the `text`
+# profile's learning rate (printed below; it was not swept, and SPEC §5 uses 0.01 over
+# 30,000 iterations). A region's box is letterboxed and OR-pooled exactly as a mask
+# would be (SPEC §3, §5): the letterbox of a box is again a box, so no mask is drawn.
+# The trainer is the study's own (`referseg.train.train`); with `visual_features=False`
+# it reads no image and caches no feature, only tokens and labels.
 
 # %%
 iterations = math.ceil(train_pairs / 10) if train_pairs else None
@@ -159,7 +159,8 @@ if have_text:
     # The whole call when it trains (data, labels, loop); else the loop's own clock.
     train_seconds = state["elapsed"] if resume else time.perf_counter() - start
     print(f"{'found, finished' if resume else 'trained'}: {state['iteration']} "
-          f"iterations of {cfg.batch_size} pairs, {train_seconds:.1f} s of training")
+          f"iterations of {cfg.batch_size} pairs at lr {cfg.stage1.lr:g}, "
+          f"{train_seconds:.1f} s of training")
     del state
 
 # %% tags=["hide-input"]
