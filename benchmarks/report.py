@@ -38,6 +38,21 @@ def percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
+def size(value: float | None) -> str:
+    """1_620_000_000 -> '1.62 GB', 48_000 -> '48 kB' (decimal units, as a file's size)."""
+    if value is None:
+        return "-"
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}B"
+    return f"{value:.0f} B"
+
+
+def mib(value: float | None) -> str:
+    """3512.4 -> '3,512 MiB'."""
+    return "-" if value is None else f"{value:,.0f} MiB"
+
+
 def _row(*cells: Any) -> str:
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
@@ -178,6 +193,12 @@ def summary_rows(results: dict[str, Any]) -> list[str]:
                          f"{seconds(features['projected_build_idle_s'])} on {features['threads']} idle CPUs",
                          "", "", ""))
 
+    data_path = results.get("data_path")
+    if data_path is not None:
+        rows.append(_line("data path at ReferIt scale", "annotations, vocabulary, tokens, stage-1 and stage-2 "
+                         "targets, evaluation bookkeeping: each step in a fresh process, at each data size "
+                         "(table below)", _failed(data_path) or _data_path_verdict(data_path), "", "", ""))
+
     gpu = results.get("gpu")
     problem = _failed(gpu)
     if problem:
@@ -205,6 +226,103 @@ def summary_rows(results: dict[str, Any]) -> list[str]:
         rows.append(_line("the book's notebooks", f"{len(notebooks['notebooks'])} notebooks, profile {which}",
                          f"{seconds(notebooks['total_s'])} in all ({verdict})", "", "", ""))
     return rows
+
+
+def _data_path_size(step: str, sizes: dict[str, Any]) -> str:
+    """What one step of the data path made, in words."""
+    if step == "annotations":
+        return (f"{sizes['images']:,} images; {sizes['train_pairs']:,} training pairs ({sizes['train_regions']:,} "
+                f"regions), {sizes['test_pairs']:,} test pairs")
+    if step == "vocabulary":
+        return f"{sizes['tokens']:,} tokens ({sizes['source']})"
+    if step == "tokens":
+        return f"{sizes['pairs']:,} training pairs x {sizes['seq_len']} ids ({size(sizes['token_bytes'])})"
+    if step.startswith("stage-"):
+        shape = (f"{sizes['side']}x{sizes['side']} bit-packed" if sizes["packed"]
+                 else "x".join(str(n) for n in sizes["label_shape"]) + " uint8")
+        return f"{sizes['regions']:,} regions, {shape}: {size(sizes['label_bytes'])}"
+    modes = " and ".join(sizes["modes"])
+    what = "their boxes, the mean-box prior" if step == "evaluation against boxes" else "masks at original size"
+    return f"{sizes['pairs']:,} test pairs against {what} ({modes}); CSV {size(sizes['csv_bytes'])}"
+
+
+def _data_path_verdict(data_path: dict[str, Any]) -> str:
+    """The largest peak and whether it fits a 16 GB machine, in a sentence."""
+    if data_path.get("largest_peak_mib") is None:
+        return "nothing measured"
+    where = data_path["largest_peak"]
+    largest = data_path["largest_peak_mib"]
+    first = next(iter(data_path["data"]))  # the largest data comes first
+    stage2 = data_path["data"][first]["steps"].get("stage-2 targets", {})
+    made = ""
+    if "sizes" in stage2:
+        made = (f"{first} stage-2 targets: {stage2['sizes']['regions']:,} regions, "
+                f"{size(stage2['sizes']['label_bytes'])} in {seconds(stage2['seconds'])}; ")
+    verdict = ("fits a 16 GB machine" if data_path["fits_16gb"] else
+               "**does not fit a 16 GB machine**" if largest > data_path["limit_mib"] else
+               "failed: " + ", ".join(data_path["failed"]))
+    return (f"{made}largest peak {mib(largest)} ({where['step']}, {where['data']}): "
+            f"{percent(largest / data_path['limit_mib'])} of 16 GiB, {verdict}")
+
+
+def data_path_lines(results: dict[str, Any]) -> list[str]:
+    """The data path's table: each step at each size (ReferIt, ``cpu``, ``smoke``), time and peak memory."""
+    data_path = results.get("data_path")
+    if data_path is None:
+        return []
+    problem = _failed(data_path)
+    if problem:
+        return ["", f"Data path at ReferIt scale: {problem}."]
+    labels = list(data_path["data"])
+    described = []
+    for label, entry in data_path["data"].items():
+        source = ("ReferIt's official text files (real expressions, boxes and image sizes; a region's box "
+                  "stands in for its mask)" if entry["dataset"] == "referit-text" else
+                  f"its SynthRef ({entry['synth_images']:,} images)" if entry["dataset"] == "synthref" else
+                  f"its {entry['dataset']}")
+        described.append(f"{label}: profile `{entry['profile']}` at {entry['input_size']} "
+                         f"({entry['grid']}x{entry['grid']} grid) on {source}")
+    lines = ["", "The data path before any pixel is read, at each data size: the package's own functions "
+             "(`load_refer`, `build_vocab`, `ReferSegDataset` and `SplitData`, `build_targets` for stages 1 and 2 "
+             "on the training split, and on the test split `evaluate_stream` of a constant whole-image "
+             "prediction in both modes, then `save_method`'s per-sample frame, summary and files; for boxes "
+             "`mean_box_prior` and `box_counts` as the text chapter does). "
+             + "; ".join(described) + ". "
+             f"Each step runs in a fresh process ({data_path['threads']} thread) after its prerequisites, "
+             "which are not timed. Peak memory: the process's peak resident memory (VmHWM: imports, "
+             "prerequisites and the step); the step's own: its peak above the resident memory at its start "
+             "(VmHWM lowered there through `/proc/self/clear_refs`).", "",
+             _row("step", "data", "size", "time", "peak memory", "the step's own"), _row(*["---"] * 6)]
+    for step in data_path["steps"]:
+        for number, label in enumerate(labels):
+            entry = data_path["data"][label]["steps"].get(step)
+            problem = _failed(entry)
+            name = step if number == 0 else ""
+            if problem:
+                lines.append(_row(name, label, problem, "", "", ""))
+                continue
+            assert entry is not None
+            lines.append(_row(name, label, _data_path_size(step, entry["sizes"]), seconds(entry["seconds"]),
+                              mib(entry["peak_mib"]), mib(entry["step_mib"])))
+    lines += ["", f"In short: {_data_path_verdict(data_path)}."]
+    phased = [(step, entry) for step, entry in data_path["data"][labels[0]]["steps"].items()
+              if len(entry.get("phases_s", {})) > 1]
+    if phased:
+        lines += ["", f"Where the time of the steps goes ({labels[0]}):", "",
+                  _row("step", "phase", "time"), _row("---", "---", "---")]
+        for step, entry in phased:
+            for number, (phase, wall) in enumerate(entry["phases_s"].items()):
+                lines.append(_row(step if number == 0 else "", phase, seconds(wall)))
+    return lines
+
+
+def data_path_page(results: dict[str, Any]) -> str:
+    """The page of a run of the data path alone (``python -m benchmarks.run --data-path``)."""
+    machine, load = results["machine"], results["load_average"]
+    header = (f"Measured on {results['date'][:10]} by `{results['command']}` in {seconds(results['seconds'])} "
+              f"on {machine['cpu']} ({machine['usable_cpus']} CPUs), torch {machine['torch']}; load average "
+              f"(1, 5, 15 min) at the start {load['start']}, at the end {load['end']}.")
+    return "\n".join([header, *data_path_lines(results)]) + "\n"
 
 
 def details(results: dict[str, Any]) -> list[str]:
@@ -242,6 +360,7 @@ def details(results: dict[str, Any]) -> list[str]:
                   f"({features['memory_mapped']}), valid on reload ({features['valid_on_reload']}), "
                   f"{features['file_bytes']:,} bytes for {features['images']} images, largest difference to "
                   f"the backbone's own output {features['max_relative_error']:.1e} of its largest value."]
+    lines += data_path_lines(results)
     notebooks = results.get("notebooks")
     if notebooks and not _failed(notebooks):
         lines += ["", _row("notebook", "profile", "time"), _row("---", "---", "---")]
@@ -252,6 +371,8 @@ def details(results: dict[str, Any]) -> list[str]:
 
 def markdown(results: dict[str, Any]) -> str:
     """The whole page: who measured what where, the summary table, then the details."""
+    if results.get("data_path_only"):
+        return data_path_page(results)
     machine = results["machine"]
     load = results["load_average"]
     peak = results["peak"]

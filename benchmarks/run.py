@@ -1,10 +1,14 @@
 """``make bench``: every benchmark of issue 6 in one run, about 5 minutes on two CPU cores.
 
     python -m benchmarks.run [--quick] [--out benchmarks/results] [--book book/benchmarks.md | --no-book]
+    python -m benchmarks.run --data-path [--out benchmarks/results]
 
 Writes ``<out>/bench-<time>.json`` and ``.md`` plus ``latest.json`` / ``latest.md``, and (unless
 ``--no-book`` or ``--quick``) the book's copy of the table. ``--quick`` runs every benchmark at
-a tiny size in seconds: a check that the suite works, not a measurement.
+a tiny size in seconds: a check that the suite works, not a measurement. ``--data-path`` measures
+only the data path at ReferIt scale (issue 13: each step at ReferIt's, the ``cpu`` and the ``smoke``
+sizes, about 2 minutes on one thread; ``make bench`` runs it too) into ``<out>/data-path-<time>.json``
+and ``.md`` (and ``data-path-latest.*``), never the book's page.
 """
 
 from __future__ import annotations
@@ -55,6 +59,82 @@ def sizes(quick: bool, paper_steps: int) -> dict[str, Any]:
             "build_repeats": 3, "synth_generated": 60}
 
 
+def synthref_profile(profile: Profile, out: Path) -> Profile:
+    """``profile`` on its SynthRef: the repository's (``data/synthref`` for ``cpu``) when it is there and
+    has the profile's seed and size, else one generated (once, kept) under ``<out>/data``."""
+    from referseg.data.refer import load_refer
+
+    own = ROOT / profile.data_root
+    if (own / "synthref" / "meta.json").is_file():
+        try:
+            candidate = profile.replace(data_root=str(own))
+            load_refer(candidate)  # refuses a SynthRef of another seed or size
+            return candidate
+        except (FileExistsError, ValueError):
+            pass
+    candidate = profile.replace(data_root=str((out / "data" / f"synthref-{profile.synth_images}").resolve()))
+    load_refer(candidate)  # generated here, not in a measured step
+    return candidate
+
+
+def data_path_profiles(quick: bool, out: Path) -> dict[str, Profile]:
+    """The data sizes of the data path's table: ReferIt's text files (when ``../shared`` has them),
+    the ``cpu`` and the ``smoke`` profiles' SynthRef; the ``smoke`` size alone in quick mode."""
+    profiles: dict[str, Profile] = {}
+    if not quick and (suite.OFFICIAL_REFERIT / "referit_query_test.json").is_file():
+        profiles["ReferIt"] = suite.referit_data_profile()
+    if not quick:
+        profiles["cpu"] = synthref_profile(get_profile("cpu"), out)
+    profiles["smoke"] = synthref_profile(get_profile("smoke"), out)
+    return profiles
+
+
+def measure_data_path(results: dict[str, Any], quick: bool, out: Path, scratch: Path,
+                      measure: Callable[..., dict[str, Any]]) -> None:
+    """``results["data_path"]``: every step of the data path at each size, one thread; a failed step
+    is one of the run's errors."""
+    results["data_path"] = measure("data path at ReferIt scale", suite.data_path_scale,
+                                   data_path_profiles(quick, out), scratch / "data-path", threads=1)
+    if results["data_path"].get("failed"):
+        results["errors"].append("data path at ReferIt scale (" + "; ".join(results["data_path"]["failed"]) + ")")
+
+
+def _measurer(results: dict[str, Any]) -> Callable[..., dict[str, Any]]:
+    """``measure(name, function, ...)``: the benchmark's result with its seconds, or its error recorded."""
+
+    def measure(name: str, function: Callable[..., Any], *fargs: Any, **kwargs: Any) -> dict[str, Any]:
+        print(f"{name:<36}", end=" ", flush=True)
+        begin = time.perf_counter()
+        try:
+            result = suite.timed(function, *fargs, **kwargs)
+        except Exception as error:  # noqa: BLE001 - recorded, reported, and the exit status says so
+            traceback.print_exc()
+            result = {"error": f"{type(error).__name__}: {error}"}
+            results["errors"].append(name)
+        print(f"{time.perf_counter() - begin:7.1f} s", flush=True)
+        return result
+
+    return measure
+
+
+def run_data_path(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the data path at ReferIt scale (``--data-path``): its own results, page and files."""
+    out = Path(args.out)
+    scratch = out / "scratch-data-path"
+    shutil.rmtree(scratch, ignore_errors=True)
+    start = time.perf_counter()
+    results: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.run --data-path", "quick": False, "data_path_only": True,
+        "machine": machine_info(), "load_average": {"start": load_average()}, "errors": [],
+    }
+    measure_data_path(results, False, out, scratch, _measurer(results))
+    results["load_average"]["end"] = load_average()
+    results["seconds"] = time.perf_counter() - start
+    shutil.rmtree(scratch, ignore_errors=True)
+    return results
+
+
 def configuration_speed(entry: dict[str, Any]) -> float:
     """How a CPU set-up of the convolutions ranks: FLOPs per CPU-second (steady under load), else per second."""
     return entry.get("flops_per_cpu_s") or entry["flops_per_s"]
@@ -77,18 +157,7 @@ def run_benchmarks(args: argparse.Namespace) -> dict[str, Any]:
         "sizes": size, "errors": [],
     }
 
-    def measure(name: str, function: Callable[..., Any], *fargs: Any, **kwargs: Any) -> dict[str, Any]:
-        print(f"{name:<36}", end=" ", flush=True)
-        begin = time.perf_counter()
-        try:
-            result = suite.timed(function, *fargs, **kwargs)
-        except Exception as error:  # noqa: BLE001 - recorded, reported, and the exit status says so
-            traceback.print_exc()
-            result = {"error": f"{type(error).__name__}: {error}"}
-            results["errors"].append(name)
-        print(f"{time.perf_counter() - begin:7.1f} s", flush=True)
-        return result
-
+    measure = _measurer(results)
     results["peak"] = {"start": measure("matmul peak (CPU)", matmul_peak, "cpu", size["peak_sizes"],
                                          size["peak_repeats"])}
     gpu = torch.device("cuda") if torch.cuda.is_available() else None
@@ -138,6 +207,7 @@ def run_benchmarks(args: argparse.Namespace) -> dict[str, Any]:
                                         repeats=size["build_repeats"])
     results["synthref"] = measure("SynthRef generation", suite.synthref_generation, scratch / "synthref",
                                   size["synth_generated"])
+    measure_data_path(results, args.quick, out, scratch, measure)
     paper_dataset = ReferSegDataset(load_refer(paper_on_synth), paper_on_synth.train_split, cpu_vocab,
                                     paper_on_synth)
     results["feature_cache"] = measure("feature cache at paper scale", suite.feature_cache_paper_scale,
@@ -173,12 +243,14 @@ def write_results(results: dict[str, Any], out: Path, book: Path | None) -> Path
     stamp = results["date"].replace(":", "").replace("+0000", "Z")  # the run's date: a re-render overwrites it
     text = json.dumps(results, indent=1, default=str) + "\n"
     page = report.markdown(results)
-    for name in (f"bench-{stamp}", "latest"):
+    kind = "data-path" if results.get("data_path_only") else "bench"
+    latest = "data-path-latest" if kind == "data-path" else "latest"
+    for name in (f"{kind}-{stamp}", latest):
         atomic_write_text(out / f"{name}.json", text)
         atomic_write_text(out / f"{name}.md", page)
     if book is not None:
         atomic_write_text(book, page)
-    return out / "latest.md"
+    return out / f"{latest}.md"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,15 +263,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     parser.add_argument("--paper-steps", type=int, default=2, help="timed paper training steps (about 30 s each)")
     parser.add_argument("--render", metavar="JSON", help="measure nothing: rewrite the tables of a results file")
+    parser.add_argument("--data-path", action="store_true",
+                        help="measure only the data path at ReferIt scale (never written to the book)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.render:
         results = json.loads(Path(args.render).read_text())
         args.quick = results.get("quick", False)
+    elif args.data_path:
+        results = run_data_path(args)
     else:
         results = run_benchmarks(args)
-    book = None if args.no_book or args.quick or results["errors"] else Path(args.book)
+    partial = results.get("data_path_only", False)  # the book's page holds every benchmark
+    book = None if args.no_book or args.quick or partial or results["errors"] else Path(args.book)
     page = write_results(results, Path(args.out), book)
     print(f"\n{page.read_text()}\nwritten: {page}" + (f" and {book}" if book else ""))
     if results["errors"]:

@@ -13,7 +13,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -508,6 +508,188 @@ def feature_cache_paper_scale(profile: Profile, dataset: Any, images: int, folde
         # all threads busy all the time: the time on an otherwise idle machine
         "projected_build_idle_s": training_images * build_cpu_s / images / torch.get_num_threads(),
     }
+
+
+# --------------------------------------------------------------------------- the data path at ReferIt scale
+
+# The steps of the data path before any pixel is read, in the order a run takes them (SPEC 2, 5, 1).
+DATA_PATH_STEPS = ("annotations", "vocabulary", "tokens", "stage-1 targets", "stage-2 targets", "evaluation",
+                   "evaluation against boxes")
+MACHINE_16GB_MIB = 16 * 1024  # a "16 GB" machine: 16 GiB of memory, of which the system needs some
+
+
+def referit_data_profile(root: Path = OFFICIAL_REFERIT) -> Profile:
+    """The ``paper`` profile reading ReferIt's official text files at ``root``: real expressions, boxes
+    and image sizes (:class:`referseg.data.refer.ReferItText`), each region's box standing in for its
+    mask; the official vocabulary when ``root`` has it. The files hold no pixels, so the profile leaves
+    the visual features out (``visual_features=False``, as the ``text`` profile); the data path (512
+    letterbox, 16x16 grid, OR-pooled labels, T = 20, trainval and test) is the paper's."""
+    from referseg.config import get_profile
+
+    vocabulary = Path(root) / "vocabulary_referit.txt"
+    return get_profile("paper", dataset="referit-text", visual_features=False, data_root=str(root),
+                       vocab_file=str(vocabulary) if vocabulary.is_file() else None)
+
+
+def resident_mib() -> float | None:
+    """Resident memory of this process now (VmRSS) in MiB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Lower this process's peak resident memory (VmHWM) to its resident memory now (Linux: ``5`` into
+    ``/proc/self/clear_refs``), so that :func:`peak_rss_mib` then measures what follows; False if not."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return resident_mib() is not None
+
+
+def data_step_child(profile: Profile, step: str, folder: str, threads: int = 1) -> dict[str, Any]:
+    """In a fresh process: one step of :data:`DATA_PATH_STEPS` with the package's own functions, after
+    its prerequisites (built first, not timed). Wall and CPU seconds, the process's peak resident memory
+    (VmHWM: imports, prerequisites and the step) and the step's own (its peak over the resident memory
+    at its start, the peak lowered there with :func:`reset_peak_rss`), and the sizes it made."""
+    from referseg.data.refer import ReferSegDataset, build_vocab, load_refer
+    from referseg.evaluate import box_counts, evaluate_stream, mean_box_prior, modes_for, save_method
+    from referseg.runs import Run, SplitData, build_targets
+
+    if step not in DATA_PATH_STEPS:
+        raise ValueError(f"unknown step {step!r}; the steps are {', '.join(DATA_PATH_STEPS)}")
+    torch.set_num_threads(threads)
+    warnings.simplefilter("ignore")  # "expressions of only unknown words": the text chapter counts them
+    imports_mib = peak_rss_mib()
+    refer: Any = None
+    vocab: Any = None
+    dataset: Any = None
+    run: Any = None
+    train: Any = None
+    if step in ("vocabulary", "tokens", "stage-1 targets", "stage-2 targets"):
+        refer = load_refer(profile)
+    if step in ("tokens", "stage-1 targets", "stage-2 targets"):
+        vocab = build_vocab(profile, refer)
+    if step in ("stage-1 targets", "stage-2 targets"):
+        dataset = ReferSegDataset(refer, profile.train_split, vocab, profile)
+    if step.startswith("evaluation"):  # a run folder, as `referseg evaluate` reads: profile, vocabulary
+        import pandas  # noqa: F401 - imported by the results' frame: its import is not the step's work
+
+        run = Run.prepare(Path(folder) / "run", profile, device="cpu", progress=False)
+    if step == "evaluation against boxes":
+        train = run.split(profile.train_split)
+    prerequisites_mib = peak_rss_mib()
+    start_mib = resident_mib()
+    reset = reset_peak_rss()
+
+    phases: dict[str, float] = {}
+    sizes: dict[str, Any] = {}
+    mode, side = profile.eval_mode, profile.input_size
+    wall, cpu = time.perf_counter(), time.process_time()
+
+    def phase(name: str, function: Callable[[], Any]) -> Any:
+        begin = time.perf_counter()
+        value = function()
+        phases[name] = time.perf_counter() - begin
+        return value
+
+    if step == "annotations":
+        refer = phase("read", lambda: load_refer(profile))
+        split_pairs = phase("pairs of the two splits",
+                            lambda: {s: refer.pairs(s) for s in (profile.train_split, profile.eval_split)})
+        train_pairs, test_pairs = split_pairs[profile.train_split], split_pairs[profile.eval_split]
+        sizes = {"images": len(refer.images), "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
+                 "train_regions": len({p.ann_id for p in train_pairs}),
+                 "test_regions": len({p.ann_id for p in test_pairs})}
+    elif step == "vocabulary":
+        vocab = build_vocab(profile, refer)
+        sizes = {"tokens": len(vocab), "source": "official file" if profile.vocab_file else
+                 f"built from {profile.train_split}"}
+    elif step == "tokens":
+        dataset = phase("encode (ReferSegDataset)",
+                        lambda: ReferSegDataset(refer, profile.train_split, vocab, profile))
+        data = phase("SplitData", lambda: SplitData(dataset))
+        sizes = {"pairs": len(data), "seq_len": data.tokens.shape[1], "images": data.num_images,
+                 "token_bytes": data.tokens.element_size() * data.tokens.numel()}
+    elif step in ("stage-1 targets", "stage-2 targets"):
+        stage = int(step[6])
+        targets = build_targets(dataset, stage, progress=False)
+        sizes = {"pairs": len(targets.label_index), "regions": len(targets.labels),
+                 "label_shape": list(targets.labels.shape[1:]), "side": targets.side, "packed": targets.packed,
+                 "label_bytes": int(targets.labels.nbytes), "index_bytes": int(targets.label_index.nbytes)}
+    elif step == "evaluation":  # a constant prediction through evaluate_models' own bookkeeping
+        test = phase("test split (tokens)", lambda: run.split(profile.eval_split))
+        square = np.ones((side, side), dtype=np.float32)  # the whole image, S x S logits
+        modes = modes_for(mode)
+        counts = phase("counts (evaluate_stream)", lambda: evaluate_stream(
+            test, ((i, {"whole-image": square}) for i in range(len(test))), modes))
+        summary = phase("frame, summary, files (save_method)", lambda: save_method(
+            run, test, "whole-image", "whole image", counts["whole-image"], mode, sum(phases.values())))
+        csv = run.eval_dir / f"whole-image_{test.split}.csv"
+        sizes = {"pairs": len(test), "modes": list(modes), "regions": len({p.ann_id for p in test.pairs}),
+                 "image_sizes": len({test.size(i) for i in range(len(test))}), "csv_bytes": csv.stat().st_size,
+                 "overall_iou": summary["overall_iou"]}
+    else:  # "evaluation against boxes": the text chapter's bookkeeping, the mean-box prior of trainval
+        test = phase("test split (tokens)", lambda: run.split(profile.eval_split))
+        coverage, level = phase("mean-box prior (mean_box_prior)", lambda: mean_box_prior(train))
+        prior = (coverage - level).astype(np.float32)
+        counts = phase("counts (box_counts)", lambda: box_counts(test, [(np.arange(len(test)), prior)], mode))
+        summary = phase("frame, summary, files (save_method)", lambda: save_method(
+            run, test, "mean-box", "mean-box prior", {mode: counts}, mode, sum(phases.values())))
+        sizes = {"pairs": len(test), "modes": [mode], "train_pairs": len(train),
+                 "csv_bytes": (run.eval_dir / f"mean-box_{test.split}.csv").stat().st_size,
+                 "overall_iou": summary["overall_iou"]}
+    seconds, cpu_s = time.perf_counter() - wall, time.process_time() - cpu
+    peak_mib = peak_rss_mib()
+    return {"step": step, "profile": profile.name, "seconds": seconds, "cpu_s": cpu_s, "phases_s": phases,
+            "sizes": sizes, "threads": threads, "imports_mib": imports_mib, "prerequisites_mib": prerequisites_mib,
+            "peak_mib": max(prerequisites_mib, peak_mib),
+            "step_mib": peak_mib - start_mib if reset and start_mib is not None else None,
+            "peak_reset": reset}
+
+
+def data_path_scale(profiles: dict[str, Profile], folder: Path, threads: int = 1,
+                    steps: Sequence[str] = DATA_PATH_STEPS) -> dict[str, Any]:
+    """Seconds and peak memory of each step of the data path (:data:`DATA_PATH_STEPS`) for each of
+    ``profiles`` (``{label: profile}``, e.g. ReferIt, ``cpu``, ``smoke``), each step in a fresh process
+    (:func:`data_step_child`) so that its peak resident memory is its own. The boxes' step runs where
+    the data gives boxes (``dataset="referit-text"``). Run folders and files go under ``folder``.
+    A step that fails (or whose process dies, e.g. out of memory) is recorded as ``error``."""
+    context = multiprocessing.get_context("spawn")
+    data: dict[str, Any] = {}
+    for label, profile in profiles.items():
+        by_step: dict[str, Any] = {}
+        for step in steps:
+            if step == "evaluation against boxes" and profile.dataset != "referit-text":
+                by_step[step] = {"status": "not applicable (masks, not boxes)"}
+                continue
+            work = Path(folder) / label / step.replace(" ", "-")
+            try:
+                with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                    by_step[step] = pool.submit(data_step_child, profile, step, str(work), threads).result()
+            except Exception as error:  # noqa: BLE001 - recorded; the run lists it among its errors
+                by_step[step] = {"error": f"{type(error).__name__}: {error}"}
+        data[label] = {"profile": profile.name, "dataset": profile.dataset, "data_root": profile.data_root,
+                       "synth_images": profile.synth_images, "input_size": profile.input_size, "grid": profile.grid, "seq_len": profile.seq_len,
+                       "train_split": profile.train_split, "eval_split": profile.eval_split,
+                       "eval_mode": profile.eval_mode, "steps": by_step}
+    measured = [(entry["peak_mib"], label, step) for label, entry in data.items()
+                for step, entry in entry["steps"].items() if "peak_mib" in entry]
+    largest = max(measured, default=(None, None, None))
+    failed = [f"{label}: {step}" for label, entry in data.items() for step, entry in entry["steps"].items()
+              if "error" in entry]
+    return {"threads": threads, "steps": list(steps), "data": data, "limit_mib": MACHINE_16GB_MIB,
+            "memory": "VmHWM of a fresh process per step (imports, prerequisites, step); the step's own: "
+                      "its peak over the resident memory at its start (VmHWM lowered there via "
+                      "/proc/self/clear_refs)",
+            "largest_peak_mib": largest[0], "largest_peak": {"data": largest[1], "step": largest[2]},
+            "fits_16gb": largest[0] is not None and largest[0] <= MACHINE_16GB_MIB and not failed,
+            "failed": failed}
 
 
 # --------------------------------------------------------------------------- the GPU path
