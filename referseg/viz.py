@@ -595,10 +595,11 @@ def kept_grid(summary_file: str | Path, reference: Profile) -> tuple[pd.DataFram
     origin = summary["provenance"]
     table = pd.DataFrame(summary["table"]).set_index("variant")
     seeds = sorted({int(n) for n in table["seeds"]})
+    run_seconds = sum(float(row.get("run_s") or 0) for row in summary["results"])
     note = (f"Full grid: the profile's whole schedule, seeds {summary['seeds']} "
             f"({'/'.join(map(str, seeds))} finished per variant), made by `{origin['command']}` at commit "
-            f"{origin['commit']} on {origin['machine']}, finished {origin['finished_utc']} UTC after "
-            f"{origin['seconds'] / 60:.0f} minutes.")
+            f"{origin['commit']} on {origin['machine']}, finished {origin['finished_utc']} UTC; its runs took "
+            f"{run_seconds / 60:.0f} minutes of wall time, summed over runs.")
     if stale:
         note = "**STALE:** " + "; ".join(stale) + ". Read these numbers as those of that commit. " + note
     return table, note
@@ -660,8 +661,9 @@ def kept_sweep(summary_file: str | Path, profile: Profile) -> tuple[pd.DataFrame
     if differs:
         stale.append("the profile does not use its choice (" + "; ".join(differs) + ")")
     note = (f"Sweep on the validation split, seed {choice['seed']}, made by `{origin['command']}` at commit "
-            f"{origin['commit']} on {origin['machine']}, finished {origin['finished_utc']} UTC after "
-            f"{origin['seconds'] / 60:.0f} minutes. Rule: {choice['rule']}.")
+            f"{origin['commit']} on {origin['machine']}, finished {origin['finished_utc']} UTC; its runs' "
+            f"training loops took {sum(float(r.get('train_s') or 0) for r in summary['rows']) / 60:.0f} "
+            f"minutes, summed over runs. Rule: {choice['rule']}.")
     if stale:
         note = "**STALE:** " + "; ".join(stale) + ". " + note
     return sweep_table(summary["rows"]), choice, note

@@ -408,3 +408,20 @@ def test_ablation_summary_records_its_provenance_and_knows_when_it_is_stale(synt
     assert set(table.index) == {"reference", "spatial-0"} and note.startswith("Full grid") and "STALE" not in note
     table, note = kept_grid(summary, profile.replace(spatial_channels=2))
     assert note.startswith("**STALE:**") and "spatial_channels" in note
+    # the summary keeps what the chapters show without the run folders: breakdowns, plans, baseline seeds
+    assert set(collected["by_type"]) == {"reference", "spatial-0"} and collected["type_pairs"]
+    assert collected["plans"] == {}  # no time-matched variant in this grid
+    from referseg.viz import seed_table, verdicts, versus
+
+    seeds, _ = seed_table(summary, profile)
+    assert list(seeds.index)[0] == "ours, high resolution" and len(seeds) == 6  # ours and five learned baselines
+    assert [c for c in seeds.columns if c.startswith("seed ")] == ["seed 0", "seed 1", "seed 2"]  # --collect's seeds
+    assert np.isnan(seeds.loc["ours, high resolution", "seed 2"])  # seed 2 never trained: no number for it
+    assert versus((50.0, 0.5), (60.0, 0.5)) == "is below" and versus((50.0, 0.5), (50.5, 0.5)).startswith(
+        "is within")
+    claims = verdicts(tmp_path / "no-run", profile, summary)
+    status = dict(zip(claims["claim"], claims["status"], strict=True))
+    assert status["the high-resolution model beats the low-resolution one (Table 1)"] == "not measured in this build"
+    assert status["the spatial channels matter (SPEC 4)"] != "not measured in this build"  # spatial-0 ran
+    assert status["L2 normalisation matters (SPEC 4)"] == "not measured in this build"  # no-l2-norm did not
+    assert "not testable" in status["48.03% overall IoU on ReferIt's test split (Table 1, SPEC 6)"]
