@@ -592,17 +592,23 @@ def kept_grid(summary_file: str | Path, reference: Profile) -> tuple[pd.DataFram
     if summary is None:
         return None, (f"No full grid is kept in {summary_file}: `make ablations` makes it (about an hour on two "
                       "cores). The tables below are the quick grid of this build.")
-    origin = summary["provenance"]
     table = pd.DataFrame(summary["table"]).set_index("variant")
     seeds = sorted({int(n) for n in table["seeds"]})
     run_seconds = sum(float(row.get("run_s") or 0) for row in summary["results"])
-    note = (f"Full grid: the profile's whole schedule, seeds {summary['seeds']} "
-            f"({'/'.join(map(str, seeds))} finished per variant), made by `{origin['command']}` at commit "
-            f"{origin['commit']} on {origin['machine']}, finished {origin['finished_utc']} UTC; its runs took "
-            f"{run_seconds / 60:.0f} minutes of wall time, summed over runs.")
-    if stale:
-        note = "**STALE:** " + "; ".join(stale) + ". Read these numbers as those of that commit. " + note
+    note = provenance_note(
+        f"Full grid: the profile's whole schedule, seeds {summary['seeds']} ({'/'.join(map(str, seeds))} finished "
+        f"per variant)", summary["provenance"], stale,
+        f"its runs took {run_seconds / 60:.0f} minutes of wall time, summed over runs.")
     return table, note
+
+
+def provenance_note(what: str, origin: Mapping[str, Any], stale: Sequence[str], tail: str) -> str:
+    """One kept summary's note: what it is, the command, commit, machine and time that made it,
+    ``tail``, and first, loudly, each reason it is stale."""
+    note = (f"{what}, made by `{origin['command']}` at commit {origin['commit']} on {origin['machine']}, "
+            f"finished {origin['finished_utc']} UTC; {tail}")
+    return ("**STALE:** " + "; ".join(stale) + ". Read these numbers as those of that code and profile. " + note
+            if stale else note)
 
 
 # --------------------------------------------------------------------------- seeds as the yardstick
@@ -660,12 +666,10 @@ def kept_sweep(summary_file: str | Path, profile: Profile) -> tuple[pd.DataFrame
                if choice[key] != value]
     if differs:
         stale.append("the profile does not use its choice (" + "; ".join(differs) + ")")
-    note = (f"Sweep on the validation split, seed {choice['seed']}, made by `{origin['command']}` at commit "
-            f"{origin['commit']} on {origin['machine']}, finished {origin['finished_utc']} UTC; its runs' "
-            f"training loops took {sum(float(r.get('train_s') or 0) for r in summary['rows']) / 60:.0f} "
-            f"minutes, summed over runs. Rule: {choice['rule']}.")
-    if stale:
-        note = "**STALE:** " + "; ".join(stale) + ". " + note
+    loops = sum(float(r.get("train_s") or 0) for r in summary["rows"])
+    note = provenance_note(f"Sweep on the validation split, seed {choice['seed']}", origin, stale,
+                           f"its runs' training loops took {loops / 60:.0f} minutes, summed over runs. "
+                           f"Rule: {choice['rule']}.")
     return sweep_table(summary["rows"]), choice, note
 
 
