@@ -61,14 +61,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from IPython.display import display
 
 from referseg import viz
 from referseg.config import get_profile
 from referseg.data.refer import load_refer
 from referseg.data.transforms import letterbox_mask, prediction_mask
+from referseg.evaluate import STAGE_METHOD, evaluate_models
 from referseg.metrics import intersection_union, iou_from_counts
 from referseg.model.segmenter import bilinear_kernel
-from referseg.runs import load_checkpoint, read_checkpoint, read_log
+from referseg.runs import Run, load_checkpoint, read_checkpoint, read_log
 from referseg.train import train
 
 viz.setup_style()
@@ -153,6 +155,26 @@ logs = {"stage 1": read_log(run_dir / "stage1" / "log.jsonl"),
 ax = viz.plot_training_curves(logs, offsets={"stage 2": run_profile.stage1.iterations})
 ax.axvline(run_profile.stage1.iterations, color="grey", linewidth=0.8)
 ax.set_title(f"both stages ({run_profile.name} profile)");
+
+# %% [markdown]
+# ## On validation: things and stuff, after each stage
+#
+# Both stages' models on the validation split at the original image size, on all pairs,
+# on things and on stuff (chapter 4 showed stage 1 alone; the test split waits for
+# chapter 7):
+
+# %% tags=["hide-input"]
+val = evaluate_models(Run(run_dir, device=device, progress=False), "val", stages=(1, 2))
+val_table = pd.DataFrame({f"stage {stage}": viz.by_region(val[STAGE_METHOD[stage]])
+                          for stage in (1, 2)}).T.round(2)
+display(val_table.rename_axis("validation overall IoU (%)"))
+change = val_table.loc["stage 2"] - val_table.loc["stage 1"]
+after = val_table.loc["stage 2"]
+side = "below" if after["things"] < after["stuff"] else "above"
+viz.print_wrapped(
+    "Stage 2 against stage 1 on validation: "
+    + ", ".join(f"{name} {value:+.1f} points" for name, value in change.items())
+    + f"; after stage 2, things stay {side} stuff.")
 
 # %% [markdown]
 # ## High resolution against low resolution
