@@ -365,15 +365,17 @@ if "neg-weight-1" in table.index:
 
 # %% tags=["hide-input"]
 slim = "slim-vgg16-scratch"
-plan = breakdowns["plans"].get(slim)
-if plan is not None:
-    display(pd.DataFrame({
+plans = {key.split()[-1]: plan for key, plan in breakdowns["plans"].items()
+         if key.split()[0] == slim}  # one plan per seed
+if plans:
+    display(pd.concat({seed_name: pd.DataFrame({
         "reference loop (s)": plan["reference_seconds"],
         "slim s / iteration (probe)": plan["seconds_per_iteration"],
         "slim iterations": plan["iterations"],
         "reference iterations": {"1": grid_reference.stage1.iterations,
                                  "2": grid_reference.stage2.iterations},
-    }).rename_axis("stage").round(3))
+    }) for seed_name, plan in sorted(plans.items())})
+        .rename_axis(["seed", "stage"]).round(3))
     finished = results[results["status"].isin(["trained", "reused"])]
     trained = finished.set_index(["variant", "seed"])["train_s"]
     viz.print_wrapped("measured training time (s): " + ", ".join(

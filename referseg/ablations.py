@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 REFERENCE = "reference"
 ABLATIONS_DIR = "ablations"
-PLAN_FILE = "plan.json"
+PLAN_FILE = "plan-seed{seed}.json"  # one per seed: seeds may run in parallel, and --collect reads each back
 # SynthRef expression types that name a place in the image ("circle on the left", "leftmost one");
 # the spatial channels should matter most for these (SynthRef's `type` tag, DESIGN "SynthRef").
 POSITION_TYPES = ("position", "superlative")
@@ -224,11 +224,11 @@ def time_matched_profile(reference: Profile, variant: Variant, seed: int, run_di
 
     A short probe run measures the variant's wall seconds per iteration (the first, warm-up,
     iteration left out) and the counts follow, lr steps scaled alike. The plan is saved in
-    ``<run_dir>/ablations/<variant>/plan.json`` and reused while the reference is unchanged.
+    ``<run_dir>/ablations/<variant>/plan-seed<k>.json`` and reused while the reference is unchanged.
     """
     from referseg.runs import LOG, read_log
 
-    plan_file = Path(run_dir) / ABLATIONS_DIR / variant.name / PLAN_FILE
+    plan_file = Path(run_dir) / ABLATIONS_DIR / variant.name / PLAN_FILE.format(seed=seed)
     base = variant.profile(reference, seed)
     key = {"reference": json.loads(json.dumps(reference.to_dict())), "overrides": variant.overrides,
            "stages": list(stages), "seed": seed}
@@ -236,7 +236,7 @@ def time_matched_profile(reference: Profile, variant: Variant, seed: int, run_di
     if plan is None or plan.get("key") != key:
         if probe_iterations < 3:
             raise ValueError(f"probe iterations={probe_iterations}: use at least 3")
-        probe_dir = plan_file.parent / "probe"
+        probe_dir = plan_file.parent / f"probe-seed{seed}"
         shutil.rmtree(probe_dir, ignore_errors=True)
         train_stages(base.replace(**{f"stage{s}": scaled_stage(base, f"stage{s}", probe_iterations) for s in stages},
                                   log_every=probe_iterations, checkpoint_every=probe_iterations),

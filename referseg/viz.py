@@ -573,8 +573,8 @@ def grid_breakdowns(run_dir: str | Path, variants: Sequence[str], seeds: Sequenc
             by_region[name] = (100 * overall_iou_by(samples, "region")).to_dict()
             if not pairs:
                 pairs = samples[samples["seed"] == samples["seed"].iloc[0]]["type"].value_counts().to_dict()
-    plans = {path.parent.name: json.loads(path.read_text())
-             for path in sorted((Path(run_dir) / ABLATIONS_DIR).glob(f"*/{PLAN_FILE}"))}
+    plans = {f"{path.parent.name} {path.stem.rsplit('-', 1)[1]}": json.loads(path.read_text())  # "<variant> seed<k>"
+             for path in sorted((Path(run_dir) / ABLATIONS_DIR).glob(f"*/{PLAN_FILE.format(seed='*')}"))}
     for plan in plans.values():
         plan.pop("key", None)  # the whole reference profile again: the summary has it
     return {"by_type": pd.DataFrame(by_type).to_dict(), "by_region": pd.DataFrame(by_region).to_dict(),

@@ -114,7 +114,7 @@ def test_runner_trains_evaluates_and_reuses_finished_variants(reference, tmp_pat
     assert list((run_dir / "features").glob("*.npy")), "the variants share the run's feature cache"
     table = json.loads((run_dir / "ablations" / "results.json").read_text())
     assert [row["variant"] for row in table["rows"]] == [REFERENCE, "slim-vgg16-scratch", "spatial-0"]
-    plan = json.loads((run_dir / "ablations" / "slim-vgg16-scratch" / "plan.json").read_text())
+    plan = json.loads((run_dir / "ablations" / "slim-vgg16-scratch" / "plan-seed0.json").read_text())
     assert plan["iterations"]["1"] >= 3 and plan["seconds_per_iteration"]["1"] > 0
     assert results.set_index("variant").loc["slim-vgg16-scratch", "iterations"] == str(plan["iterations"]["1"])
 
@@ -154,8 +154,11 @@ def test_runner_skips_what_the_budget_or_the_stages_do_not_allow(reference, tmp_
     assert status[REFERENCE] == "trained"  # the first run always runs: nothing to judge the budget by yet
     assert status["neg-weight-1"] == "skipped: needs stage 2"
     assert status["bag-of-words"].startswith("skipped: budget")
-    with pytest.raises(ValueError, match="must include"):
+    with pytest.raises(ValueError, match="'reference' among them"):
         run_ablations(reference, [grid["bag-of-words"]], tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="give unique names"):
+        run_ablations(reference, [grid[REFERENCE], grid["bag-of-words"], grid["bag-of-words"]], tmp_path / "run",
+                      progress=False)
 
 
 # --- bootstrap confidence intervals --------------------------------------------------------------
