@@ -33,6 +33,29 @@ def git_commit(root: Path) -> str:
     return commit + ("+changes" if dirty else "")
 
 
+def changed_modules(commit: str) -> list[str]:
+    """The package's hashed modules (all but ``PRESENTATION``) that differ between ``commit`` and
+    the work tree, from git; empty when git cannot tell (no repository, unknown commit, or a commit
+    that was itself made with uncommitted changes)."""
+    root = Path(__file__).resolve().parents[1]
+    if not commit or commit == "unknown" or commit.endswith("+changes"):
+        return []
+    try:
+        names = subprocess.run(["git", "diff", "--name-only", commit, "--", "referseg"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.split()
+        untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--", "referseg"], cwd=root,
+                                   capture_output=True, text=True, timeout=10, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    hashed = []
+    for name in sorted(set(names) | set(untracked)):
+        inside = name.removeprefix("referseg/")
+        if name.endswith(".py") and not any(inside == part or (part.endswith("/") and inside.startswith(part))
+                                            for part in PRESENTATION):
+            hashed.append(name)
+    return hashed
+
+
 def machine() -> str:
     """The CPU model and core count (the timings in a summary depend on them)."""
     import os
@@ -77,8 +100,11 @@ def read_summary(path: str | Path, profile: Profile, chosen: tuple[str, ...] = (
     origin = summary.get("provenance", {})
     stale = []
     if origin.get("code_hash") != code_hash():
-        stale.append(f"it was made by other code (commit {origin.get('commit', 'unknown')}): the package's training "
-                     f"and evaluation code (all but {', '.join(PRESENTATION)}) has changed since")
+        changed = changed_modules(origin.get("commit", "unknown"))
+        stale.append(f"it was made by other code (commit {origin.get('commit', 'unknown')}): "
+                     + (f"since then {', '.join(changed)} changed" if changed else
+                        f"the package's training and evaluation code (all but {', '.join(PRESENTATION)}) has "
+                        "changed since"))
     saved = origin.get("profile")
     changes = profile_changes(Profile.from_dict(saved), profile) if saved else {"profile": "missing"}
     changes = {key: value for key, value in changes.items() if key not in chosen}
