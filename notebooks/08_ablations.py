@@ -306,15 +306,13 @@ if reversals:
         + " scores above the reference, with an interval that excludes zero.")
 else:
     print("No variant of this section scores above the reference beyond its interval.")
-
-# %% [markdown]
-# When a part of the method the paper relies on scores *below* its removal here, the
-# data can say why. SynthRef's expressions are short (a few words, one region each), so
-# an LSTM has little order to read and more parameters to fit than a bag of words in a
-# short schedule. The L2 normalisation puts text and image on the same scale; without
-# it the classifier can weight them freely, which a small, clean dataset may reward.
-# Neither says what happens on ReferIt's longer, noisier expressions (chapter 9 measures
-# what those expressions alone carry).
+if "bag-of-words" in table.index and table.loc["bag-of-words", "Δ all high"] >= 0:
+    viz.print_wrapped(
+        "The bag of words does not score below the LSTM beyond its interval: "
+        "SynthRef's expressions are short and single out their region by "
+        "construction, so there is little word order to read (exercise 4 counts the "
+        "expressions whose bag of words another region of the same image shares). "
+        "Chapter 9 measures what ReferIt's longer expressions carry.")
 
 # %% [markdown]
 # ## Initialisation and the box-retrieval stage 0
