@@ -105,7 +105,6 @@ from IPython.display import display
 from referseg import ablations, viz
 from referseg.config import get_profile, profile_changes
 from referseg.metrics import bootstrap_overall_iou, overall_iou
-from referseg.provenance import read_summary
 
 viz.setup_style()
 claims = viz.Claims(profile, "08_ablations")
@@ -156,8 +155,7 @@ grid_table
 # %% tags=["hide-input"]
 full_reference = get_profile(profile, **overrides)
 kept_file = kept_grid or f"book/results/ablations_{profile}.json"
-full_table, full_note = viz.kept_grid(kept_file, full_reference)
-kept, kept_stale = read_summary(kept_file, full_reference)
+kept, kept_stale, full_table, full_note = viz.read_grid(kept_file, full_reference)
 viz.print_wrapped(full_note)
 use_kept = full_table is not None and not kept_stale and quick != "always"
 if quick == "never" and not use_kept:

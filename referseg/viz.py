@@ -581,17 +581,18 @@ def grid_breakdowns(run_dir: str | Path, variants: Sequence[str], seeds: Sequenc
             "type_pairs": {str(k): int(v) for k, v in pairs.items()}, "plans": plans}
 
 
-def kept_grid(summary_file: str | Path, reference: Profile) -> tuple[pd.DataFrame | None, str]:
-    """The full ablation grid kept in the repository (``make ablations``), as the chapter's table, and a
-    note saying who made it and, loudly, why it is stale when it is (other code or profile)."""
+def read_grid(summary_file: str | Path, reference: Profile) -> tuple[dict | None, list[str], pd.DataFrame | None, str]:
+    """The full ablation grid kept in the repository (``make ablations``), read once: ``(summary, reasons
+    it is stale, the chapter's table, a note saying who made it and, loudly, why it is stale)``; the
+    summary and table are None when no grid is kept."""
     import pandas as pd
 
     from referseg.provenance import read_summary
 
     summary, stale = read_summary(summary_file, reference)
     if summary is None:
-        return None, (f"No full grid is kept in {summary_file}: `make ablations` makes it (about an hour on two "
-                      "cores). The tables below are the quick grid of this build.")
+        return None, stale, None, (f"No full grid is kept in {summary_file}: `make ablations` makes it (about "
+                                   "an hour on two cores). The tables below are the quick grid of this build.")
     table = pd.DataFrame(summary["table"]).set_index("variant")
     seeds = sorted({int(n) for n in table["seeds"]})
     run_seconds = sum(float(row.get("run_s") or 0) for row in summary["results"])
@@ -599,6 +600,12 @@ def kept_grid(summary_file: str | Path, reference: Profile) -> tuple[pd.DataFram
         f"Full grid: the profile's whole schedule, seeds {summary['seeds']} ({'/'.join(map(str, seeds))} finished "
         f"per variant)", summary["provenance"], stale,
         f"its runs took {run_seconds / 60:.0f} minutes of wall time, summed over runs.")
+    return summary, stale, table, note
+
+
+def kept_grid(summary_file: str | Path, reference: Profile) -> tuple[pd.DataFrame | None, str]:
+    """The kept full grid's table and note (:func:`read_grid`)."""
+    _, _, table, note = read_grid(summary_file, reference)
     return table, note
 
 
@@ -631,20 +638,24 @@ def versus(a: tuple[float, float], b: tuple[float, float], higher: str = "beats"
 def seed_table(summary_file: str | Path, reference: Profile) -> tuple[pd.DataFrame | None, str]:
     """Overall IoU (%) per seed, mean and sd, of our model (the grid's reference: the profile's full
     schedule) and of every learned baseline, from the kept ablation summary; and its note."""
+    summary, _, _, note = read_grid(summary_file, reference)
+    if summary is not None and "baselines" not in summary:
+        note += " It holds no baseline seeds (`--no-baselines`)."
+    return _seed_frame(summary), note
+
+
+def _seed_frame(summary: Mapping[str, Any] | None) -> pd.DataFrame | None:
+    """:func:`seed_table`'s table from a kept summary (None without one, or without baseline seeds)."""
     import pandas as pd
 
-    _, note = kept_grid(summary_file, reference)
-    from referseg.provenance import read_summary
-
-    summary, _ = read_summary(summary_file, reference)
     if summary is None or "baselines" not in summary:
-        return None, note if summary is None else note + " It holds no baseline seeds (`--no-baselines`)."
+        return None
     runs = [row for row in summary["results"] if row["variant"] == REFERENCE and row.get("overall_iou") is not None]
     ours = {f"seed {row['seed']}": 100 * row["overall_iou"] for row in runs}
     frame = pd.DataFrame([{"method": "ours, high resolution", **ours}, *summary["baselines"]]).set_index("method")
     seeds = [c for c in frame.columns if c.startswith("seed ")]
     frame["mean"], frame["sd"] = frame[seeds].mean(axis=1), frame[seeds].std(axis=1, ddof=1)
-    return frame, note
+    return frame
 
 
 # --------------------------------------------------------------------------- the learning-rate sweep
@@ -705,6 +716,24 @@ def sweep_sentences(table: pd.DataFrame, choice: Mapping[str, Any]) -> list[str]
     return sentences
 
 
+def stage_summary(run: Any, stage: int, split: str) -> dict | None:
+    """The evaluation summary of a run's ``stage`` on ``split``: the one saved in the run folder when it
+    is this profile's, in its evaluation mode, and newer than the stage's checkpoint; otherwise the
+    stage is evaluated now (:func:`referseg.evaluate.evaluate_models`). None without a checkpoint."""
+    from referseg.evaluate import STAGE_METHOD, evaluate_models, saved_summary
+    from referseg.runs import stage_checkpoints
+
+    checkpoints, method = stage_checkpoints(run.run_dir), STAGE_METHOD[stage]
+    if stage not in checkpoints:
+        return None
+    saved = saved_summary(run, method, split)
+    saved_file = run.eval_dir / f"{method}_{split}.json"
+    if (saved is not None and saved["mode"] == run.profile.eval_mode
+            and saved_file.stat().st_mtime >= checkpoints[stage].stat().st_mtime):
+        return saved
+    return evaluate_models(run, split, stages=[stage])[method]
+
+
 def by_region(summary: Mapping[str, Any]) -> dict[str, float]:
     """Overall IoU (%) of an evaluation summary (:func:`referseg.evaluate.save_method`) on all pairs,
     on things and on stuff."""
@@ -755,7 +784,6 @@ def verdicts(run_dir: str | Path, profile: Profile, kept_file: str | Path,
     import pandas as pd
 
     from referseg.metrics import compare_runs
-    from referseg.provenance import read_summary
 
     rows = []
     eval_dir, split = Path(run_dir) / "eval", profile.eval_split
@@ -769,7 +797,8 @@ def verdicts(run_dir: str | Path, profile: Profile, kept_file: str | Path,
     else:
         figures, status = "no evaluation in the run folder (chapter 7)", NOT_MEASURED
     rows.append(("the high-resolution model beats the low-resolution one (Table 1)", "7 Evaluation", figures, status))
-    seeds, _ = seed_table(kept_file, profile)
+    summary, stale, grid_table, _ = read_grid(kept_file, profile)
+    seeds = _seed_frame(summary)
     if seeds is None:
         rows.append(("the model beats each baseline (Table 1)", "7 Evaluation", "no kept baseline seeds "
                      "(`make ablations`)", NOT_MEASURED))
@@ -784,8 +813,7 @@ def verdicts(run_dir: str | Path, profile: Profile, kept_file: str | Path,
         status = (CONTRADICTED + f" ({len(above)} baseline{'s' if len(above) > 1 else ''} above the model)" if above
                   else CONFIRMED if all(v == "beats" for v in judged.values()) else NO_DIFFERENCE)
         rows.append(("the model beats each baseline (Table 1)", "7 Evaluation", figures, status))
-    summary, stale = read_summary(kept_file, profile)
-    table = pd.DataFrame(summary["table"]).set_index("variant") if summary is not None and not stale else None
+    table = None if stale else grid_table
     for claim, variant in (("the spatial channels matter (SPEC 4)", "spatial-0"),
                            ("L2 normalisation matters (SPEC 4)", "no-l2-norm"),
                            ("an LSTM reads the expression better than a bag of words (SPEC 4)", "bag-of-words")):
@@ -852,8 +880,6 @@ def error_budget(run_dir: str | Path, profile: Profile, kept_file: str | Path) -
 
     import pandas as pd
 
-    from referseg.provenance import read_summary
-
     rows = []
     summary_file = Path(run_dir) / "eval" / f"ours-highres_{profile.eval_split}.json"
     if summary_file.is_file():
@@ -867,8 +893,8 @@ def error_budget(run_dir: str | Path, profile: Profile, kept_file: str | Path) -
         effect = "no evaluation in the run folder (chapter 7)"
     rows.append(("evaluation mode: logits thresholded at the original size, not the 0/1 map resized",
                  "measured", effect))
-    summary, stale = read_summary(kept_file, profile)
-    table = pd.DataFrame(summary["table"]).set_index("variant") if summary is not None and not stale else None
+    _, stale, grid_table, _ = read_grid(kept_file, profile)
+    table = None if stale else grid_table
     for name, what in (("init-official", "initialisation: PyTorch's defaults, not the official one (SPEC 4)"),
                        ("stage0", "no box-retrieval stage 0 before stage 1 (SPEC 5)"),
                        ("stage0-official", "stage 0 with the official initialisation: the official recipe")):
