@@ -257,15 +257,23 @@ def backbone_configurations(profile: Profile, images: int = 1, repeats: int = 2,
 # --------------------------------------------------------------------------- stage 1 with and without the cache
 
 
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process in MiB: VmHWM, which (unlike ru_maxrss) a fresh
-    process does not inherit from the parent it was forked from; ru_maxrss off Linux."""
+def _status_mib(field: str) -> float | None:
+    """A memory field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in MiB; None off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024  # kB
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB: VmHWM, which (unlike ru_maxrss) a fresh
+    process does not inherit from the parent it was forked from; ru_maxrss off Linux."""
+    peak = _status_mib("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     scale = 1024 if sys.platform != "darwin" else 1024 * 1024  # ru_maxrss: KiB on Linux, bytes on macOS
@@ -533,13 +541,7 @@ def referit_data_profile(root: Path = OFFICIAL_REFERIT) -> Profile:
 
 def resident_mib() -> float | None:
     """Resident memory of this process now (VmRSS) in MiB; None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    return _status_mib("VmRSS")
 
 
 def reset_peak_rss() -> bool:

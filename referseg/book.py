@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from referseg.config import Profile, get_profile
-from referseg.io import atomic_write_text, package_hash
+from referseg.io import atomic_write_text, package_hash, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMETERS = ("profile", "run_dir", "device", "seed", "overrides")
@@ -352,17 +352,14 @@ def write_student_edition(root: Path, sources: dict[Path, Any]) -> int:
 
 
 def data_hash(root: str | Path) -> str:
-    """SHA-256 over the relative paths and bytes of every file under ``root`` (sorted), the first 16
+    """SHA-256 over the relative path and SHA-256 of every file under ``root`` (sorted), the first 16
     hex digits: which data an edition of the book was built from; "absent" without the folder."""
     root = Path(root)
     if not root.is_dir():
         return "absent"
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        with open(path, "rb") as handle:
-            while block := handle.read(1 << 22):
-                digest.update(block)
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + sha256_file(path).encode())
     return digest.hexdigest()[:16]
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 from torch import nn
 
 from referseg.data.transforms import prediction_mask, to_rgb
-from referseg.metrics import intersection_union, iou_from_counts, overall_iou
+from referseg.metrics import intersection_union, iou_from_counts, overall_iou, overall_iou_by
 from referseg.predict import image_logits
 from referseg.runs import Run, checkpoint_path, load_checkpoint, stage_checkpoints
 from referseg.text import Vocabulary, tokenize
@@ -177,9 +177,9 @@ def iou_table(expressions: Sequence[str], predictions: Sequence[np.ndarray], tar
 
 def iou_by_known_words(table: pd.DataFrame) -> pd.Series:
     """Overall IoU of the expressions of :func:`iou_table` whose words are all, some or none known."""
-    groups = [g for g in ("all", "some", "none") if (table["words known"] == g).any()]
-    return pd.Series({g: float(overall_iou(*table.loc[table["words known"] == g, ["I", "U"]].to_numpy().T))
-                      for g in groups}, name="overall IoU")
+    counts = table.rename(columns={"I": "intersection", "U": "union"})
+    by_group = overall_iou_by(counts, "words known")
+    return by_group.reindex([g for g in ("all", "some", "none") if g in by_group.index]).rename("overall IoU")
 
 
 def placement_table(expressions: Sequence[str], predictions: Sequence[np.ndarray], vocab: Vocabulary
