@@ -67,7 +67,6 @@ from referseg import viz
 from referseg.config import get_profile
 from referseg.data.refer import load_refer
 from referseg.data.transforms import letterbox_mask, prediction_mask
-from referseg.evaluate import STAGE_METHOD, evaluate_models
 from referseg.metrics import intersection_union, iou_from_counts
 from referseg.model.segmenter import bilinear_kernel
 from referseg.runs import Run, load_checkpoint, read_checkpoint, read_log
@@ -164,9 +163,10 @@ ax.set_title(f"both stages ({run_profile.name} profile)");
 # chapter 7):
 
 # %% tags=["hide-input"]
-val = evaluate_models(Run(run_dir, device=device, progress=False), "val", stages=(1, 2))
-val_table = pd.DataFrame({f"stage {stage}": viz.by_region(val[STAGE_METHOD[stage]])
-                          for stage in (1, 2)}).T.round(2)
+val_run = Run(run_dir, device=device, progress=False)  # stage 1: chapter 4's, read back
+summaries = {stage: viz.stage_summary(val_run, stage, "val") for stage in (1, 2)}
+val_table = pd.DataFrame({f"stage {stage}": viz.by_region(summary)
+                          for stage, summary in summaries.items()}).T.round(2)
 display(val_table.rename_axis("validation overall IoU (%)"))
 change = val_table.loc["stage 2"] - val_table.loc["stage 1"]
 after = val_table.loc["stage 2"]

@@ -79,10 +79,10 @@ from referseg.baselines import BASELINES, evaluate_baseline, fit_baseline
 from referseg.baselines.common import BaselineSettings
 from referseg.config import get_profile
 from referseg.data.transforms import prediction_mask
-from referseg.evaluate import OURS, evaluate_models, paper_table, saved_summary
+from referseg.evaluate import OURS, paper_table
 from referseg.metrics import (intersection_union, iou_from_counts, overall_iou,
                               summarize_groups)
-from referseg.runs import Run, stage_checkpoints
+from referseg.runs import Run
 
 viz.setup_style()
 cfg = get_profile(profile, **overrides)
@@ -122,14 +122,8 @@ display(viz.dash_missing(pd.DataFrame(timing).set_index("baseline")))
 # The model: chapter 5's high-resolution stage, evaluated as chapter 7 evaluates it
 # (its saved results are read back when they are newer than its checkpoint).
 split = run.profile.eval_split
-checkpoints = stage_checkpoints(run.run_dir)
-ours = saved_summary(run, "ours-highres", split)
-ours_file = run.eval_dir / f"ours-highres_{split}.json"
-if 2 in checkpoints and (ours is None or ours["mode"] != run.profile.eval_mode
-                         or ours_file.stat().st_mtime < checkpoints[2].stat().st_mtime):
-    ours = evaluate_models(run, split, stages=[2])["ours-highres"]
-elif 2 not in checkpoints:
-    ours = None
+ours = viz.stage_summary(run, 2, split)
+if ours is None:
     print(f"no stage-2 model in {run.run_dir}: the table has no row for the model")
 table = paper_table({**summaries, **({"ours-highres": ours} if ours else {})})
 table
