@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from referseg.config import Profile
+from referseg.data.refer import data_identity
 from referseg.io import atomic_write_text
 
 CACHE_VERSION = 2  # bump when the file layout or the way it is computed changes (2: one CPU thread)
@@ -51,7 +52,7 @@ def cache_key(profile: Profile, backbone: torch.nn.Module, image_ids: list[int],
         "stride": profile.stride,
         "dataset": profile.dataset,
         "data_root": str(Path(profile.data_root).resolve()),
-        "synth": [profile.synth_seed, profile.synth_images],  # SynthRef content at that root
+        "data": data_identity(profile),  # SynthRef's seed, size and version, or ReferIt's files
         "image_ids": hashlib.sha256(json.dumps(list(map(int, image_ids))).encode()).hexdigest(),
         "num_images": len(image_ids),
         "dtype": dtype,

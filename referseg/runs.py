@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from referseg.config import PROFILES, Profile
 from referseg.data.transforms import letterbox_image, lowres_labels
-from referseg.io import atomic_open, atomic_save
+from referseg.io import atomic_open, atomic_save, atomic_write_text
 from referseg.text import Vocabulary
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 CONFIG = "config.json"
 VOCAB = "vocab.txt"
+DATA = "data.json"  # data_identity() of what the run's models were trained on
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 FEATURES = "features"
@@ -99,12 +100,17 @@ def check_vocab(saved: Vocabulary, vocab: Vocabulary, where: str) -> None:
         )
 
 
-def prepare_run_dir(run_dir: Path, profile: Profile, vocab: Vocabulary) -> None:
-    """Write config.json and vocab.txt, or check that the existing ones match this run."""
+def prepare_run_dir(run_dir: Path, profile: Profile, vocab: Vocabulary, data: dict[str, Any] | None = None) -> None:
+    """Write config.json and vocab.txt (and ``data``'s identity to data.json), or check that the
+    existing ones match this run."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} is a file, not a folder: give another --run-dir")
+    config_file, vocab_file, data_file = run_dir / CONFIG, run_dir / VOCAB, run_dir / DATA
+    if data is not None:
+        check_data_identity(run_dir, data)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_file, vocab_file = run_dir / CONFIG, run_dir / VOCAB
+    if data is not None and not data_file.is_file():
+        atomic_write_text(data_file, json.dumps(data, sort_keys=True, indent=1) + "\n")
     if config_file.is_file():
         check_profile(json.loads(config_file.read_text()), profile, f"run folder {run_dir} ({config_file})")
     else:
@@ -113,6 +119,27 @@ def prepare_run_dir(run_dir: Path, profile: Profile, vocab: Vocabulary) -> None:
         check_vocab(Vocabulary.load(vocab_file), vocab, f"run folder {run_dir} ({vocab_file})")
     else:
         vocab.save(vocab_file)
+
+
+def check_data_identity(run_dir: Path, data: dict[str, Any]) -> None:
+    """Refuse a run folder whose models were trained on other data than ``data``: resuming or
+    evaluating them would mix two datasets. A folder from before data.json existed is refused
+    too once it holds a checkpoint (nothing says what it was trained on)."""
+    data_file = run_dir / DATA
+    if data_file.is_file():
+        try:
+            recorded = json.loads(data_file.read_text())
+        except ValueError:
+            recorded = None
+        if recorded == data:
+            return
+        what = f"other data ({json.dumps(recorded, sort_keys=True)[:200]})"
+    elif any(run_dir.glob(f"stage*/{CHECKPOINT}")):
+        what = "data it did not record (it was made before run folders kept data.json)"
+    else:
+        return
+    raise ValueError(f"run folder {run_dir} holds models trained on {what}, not on this profile's "
+                     f"{json.dumps(data, sort_keys=True)[:200]}; delete {run_dir} or give another --run-dir")
 
 
 def guess_profile_name(run_dir: Path) -> str:
@@ -351,11 +378,11 @@ class Run:
     def prepare(cls, run_dir: str | Path, profile: Profile, device: str | torch.device = "auto",
                 progress: bool = True) -> Run:
         """Open (or start) ``run_dir`` for ``profile``: data, vocabulary, then config and vocab checked or written."""
-        from referseg.data.refer import build_vocab, load_refer
+        from referseg.data.refer import build_vocab, data_identity, load_refer
 
         refer = load_refer(profile)
         vocab = build_vocab(profile, refer)
-        prepare_run_dir(Path(run_dir), profile, vocab)
+        prepare_run_dir(Path(run_dir), profile, vocab, data=data_identity(profile))
         run = cls(run_dir, device, progress)
         run._refer = refer
         return run

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from referseg.baselines import BASELINES, build_baseline, evaluate_all, evaluate_baseline, run_baseline
+from referseg.baselines.ceiling import best_overlaps, look_ceiling
 from referseg.baselines.common import BaselineSettings
 from referseg.baselines.per_word import combine_word_maps
 from referseg.baselines.proposals import (
@@ -248,3 +249,37 @@ def test_evaluate_all_makes_the_whole_table(smoke_run, tmp_path):
 def test_unknown_baseline_lists_the_names(smoke_run):
     with pytest.raises(ValueError, match="choose one of " + ", ".join(BASELINES)):
         run_baseline("grabcut-only", smoke_run)
+
+
+def test_best_overlaps_finds_a_clean_shape_and_not_noise():
+    """On an image of one flat square the best proposal is that square; on pure noise no
+    proposal fits a square that is not in the pixels."""
+    profile = get_profile("smoke")
+    image = np.full((90, 120, 3), 40, np.uint8)
+    square = np.zeros((90, 120), bool)
+    square[20:60, 30:80] = True
+    image[square] = (220, 30, 30)
+    assert best_overlaps(image, [square], profile)[0] > 0.9
+    noise = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    assert best_overlaps(noise, [square], profile)[0] < 0.7
+
+
+def test_look_ceiling_on_both_looks_of_a_synthref(synth_root):
+    """The ceiling of each look over the same test pairs; the photo look is checked against the
+    stored images, so a SynthRef that its seed does not paint is refused."""
+    from referseg.data.refer import load_refer
+
+    profile = get_profile("smoke", data_root=str(synth_root))
+    refer = load_refer(profile)
+    result = look_ceiling(profile, refer, "test")
+    assert set(result) == {"flat", "photo"}
+    pairs = refer.pairs("test")
+    for look in result.values():
+        assert sum(kind["pairs"] for kind in look.values()) == len(pairs)
+        assert all(0 < kind["ceiling"] <= 1 for kind in look.values())
+    assert result["flat"] != result["photo"]
+    with pytest.raises(ValueError, match="SynthRef's"):
+        look_ceiling(get_profile("text"), refer)
+    other = profile.replace(synth_seed=profile.synth_seed + 1)
+    with pytest.raises(ValueError, match="is not the one its seed paints"):
+        look_ceiling(other, refer, "test", looks=["photo"])

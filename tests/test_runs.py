@@ -74,6 +74,25 @@ def test_prepare_run_dir_writes_then_checks(tmp_path):
         prepare_run_dir(tmp_path / "run", smoke, Vocabulary.build(["red car", "zebra"]))
 
 
+def test_a_run_folder_refuses_models_trained_on_other_data(tmp_path):
+    """data.json records what the models were trained on; other data (a SynthRef of another
+    generator version) or a checkpoint with no record is refused with what to do."""
+    smoke = get_profile("smoke")
+    vocab = Vocabulary.build(["red car"])
+    v2 = {"dataset": "synthref", "seed": 0, "images": 24, "version": 2}
+    prepare_run_dir(tmp_path / "run", smoke, vocab, data=v2)
+    assert json.loads((tmp_path / "run" / "data.json").read_text()) == v2
+    prepare_run_dir(tmp_path / "run", smoke, vocab, data=v2)
+    with pytest.raises(ValueError, match=r"trained on other data .*delete .*run or give another --run-dir"):
+        prepare_run_dir(tmp_path / "run", smoke, vocab, data={**v2, "version": 1})
+    old = tmp_path / "old"
+    prepare_run_dir(old, smoke, vocab)
+    save_checkpoint(old / "stage1" / CHECKPOINT, iteration=1)
+    with pytest.raises(ValueError, match="made before run folders kept data.json"):
+        prepare_run_dir(old, smoke, vocab, data=v2)
+    assert not (old / "data.json").exists()
+
+
 def test_checkpoints_are_written_whole_and_read_back(tmp_path):
     path = tmp_path / "stage1" / CHECKPOINT
     save_checkpoint(path, iteration=3, weights=torch.arange(4.0), order=torch.arange(5), name="x")

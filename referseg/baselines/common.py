@@ -42,6 +42,11 @@ class BaselineSettings:
     max_train_images: int = 0  # learn from at most this many training images (0: all)
     seed: int | None = None  # None: the profile's seed; each random part derives its own (component_seed)
 
+    def proposal_resolution(self, profile: Profile) -> int:
+        """R: the side of the letterbox the proposals live on (a multiple of the feature grid)."""
+        side = profile.input_size // self.proposal_divisor
+        return max(profile.grid, side - side % profile.grid)
+
 
 class Baseline:
     """A method with the model's predict interface: ``fit`` on a training split, logits/masks for another.

@@ -125,8 +125,7 @@ class ProposalBaseline(Baseline):
     @property
     def resolution(self) -> int:
         """R: the side of the letterbox the proposals live on (a multiple of the feature grid)."""
-        side = self.profile.input_size // self.settings.proposal_divisor
-        return max(self.profile.grid, side - side % self.profile.grid)
+        return self.settings.proposal_resolution(self.profile)
 
     def content(self, data: SplitData, image_index: int) -> Content:
         return Content.of(*data.image_size(image_index), self.resolution)

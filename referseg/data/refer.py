@@ -711,6 +711,28 @@ def load_refer(profile: Profile) -> Refer | OfficialReferIt | ReferItText:
     return OfficialReferIt(root)
 
 
+# The files whose contents define a dataset's annotations (pixels aside), by layout.
+ANNOTATION_FILES = ("refclef/instances.json", "refclef/refs(berkeley).p", "referit_query_trainval.json",
+                    "referit_query_test.json", "referit_query_train.json", "referit_query_val.json",
+                    "referit_bbox.json", "referit_imsize.json")
+
+
+def data_identity(profile: Profile) -> dict[str, Any]:
+    """What a run folder's checkpoints and a feature cache were made from, beyond the profile.
+
+    SynthRef: its ``meta.json`` (seed, size and generator version: a new version paints other
+    pixels for the same seed). ReferIt: the SHA-256 of each annotation file present.
+    """
+    from referseg.io import sha256_file
+
+    root = Path(profile.data_root)
+    if profile.dataset == "synthref":
+        meta = root / "synthref" / "meta.json"
+        return {"dataset": "synthref", **(json.loads(meta.read_text()) if meta.is_file() else {})}
+    return {"dataset": profile.dataset,
+            "files": {name: sha256_file(root / name) for name in ANNOTATION_FILES if (root / name).is_file()}}
+
+
 def build_vocab(profile: Profile, refer: Refer | OfficialReferIt | ReferItText) -> Vocabulary:
     """``profile.vocab_file`` (e.g. the official one), else built from the training split (SPEC 2)."""
     if profile.vocab_file:

@@ -11,7 +11,12 @@ The generator is three steps, one function each:
 
 1. :func:`sample_scene` draws a scene description: image size, stuff bands and things
    with their category, colour and visible mask.
-2. :func:`render_scene` paints the pixels of that description.
+2. :func:`render_scene` paints the pixels of that description, in one of two looks:
+   ``"flat"`` (version 1: things are shapes of one colour, smoothly shaded, with a dark
+   rim) or ``"photo"`` (version 2, the dataset's: things carry a photograph's texture
+   and a second tone, every thing casts a soft shadow in the scene's light, and the
+   camera blurs and adds noise). The look's random numbers come from a generator of
+   their own, so both looks paint the same scene and their masks are identical.
 3. :func:`describe_region` writes 1-3 expressions per region. Each expression is a
    :class:`Spec` (category, colour, size, position, superlative) that is true of the
    target and clearly false of every other region (:func:`spec_is_unique`), then put
@@ -46,7 +51,7 @@ from tqdm import tqdm
 from referseg.io import atomic_write_bytes, atomic_write_text
 from referseg.text import tokenize
 
-SYNTHREF_VERSION = 1  # bump whenever the generated files change for a given seed
+SYNTHREF_VERSION = 2  # bump whenever the generated files change for a given seed (2: the photo look)
 DATASET_NAME = "synthref"
 SPLIT_BY = "synth"
 PNG_COMPRESS_LEVEL = 1  # fast; fixed so the bytes are reproducible
@@ -414,6 +419,143 @@ def _paint_thing(rng: np.random.Generator, region: Region, canvas: np.ndarray) -
     canvas[ys + y0, xs + x0] = pixels
 
 
+# The photo look (version 2). Object textures come from scikit-image's bundled CC0 /
+# no-restriction photographs that the book never shows as photographs (chapter 10 uses
+# the astronaut, the rocket and the coffee, which stay out of training).
+THING_TEXTURES = ("chelsea", "camera", "cell", "coins")
+TEXTURE_CONTRAST = 0.22  # std of the texture's multiplicative shading
+TWO_TONE_PROBABILITY = 0.6  # a thing has a second part: darker (a side) or lighter (a panel)
+SHADOW_STRENGTH = (0.35, 0.55)  # share of the light a shadow takes from what lies under it
+SHADOW_OFFSET = (0.12, 0.3)  # shadow shift as a fraction of the thing's radius
+LIGHT_GRADIENT = 0.12  # +-12% illumination across the image, along the light's direction
+CAMERA_BLUR_SIGMA = 0.8  # pixels: focus and lens softness, which blunts every edge
+CAMERA_NOISE_SIGMA = 2.5  # grey levels of sensor noise
+
+
+@functools.cache
+def _thing_texture(name: str) -> np.ndarray:
+    """A grey photograph with zero mean and unit standard deviation (float32, read-only).
+
+    Falls back to smooth noise if this scikit-image version lacks the photo.
+    """
+    try:
+        from skimage import data as skdata
+
+        grey = np.asarray(getattr(skdata, name)(), np.float32)
+        if grey.ndim == 3:
+            grey = grey[..., :3].mean(-1)
+    except Exception:  # missing file or function: a synthetic stand-in keeps generation offline
+        noise_rng = np.random.default_rng(THING_TEXTURES.index(name) + 100)
+        grey = sum(cv2.resize(noise_rng.random((s, s), np.float32), (512, 512), interpolation=cv2.INTER_CUBIC)
+                   / 2 ** i for i, s in enumerate((16, 64, 256)))
+    grey = (grey - grey.mean()) / max(float(grey.std()), 1e-6)
+    grey.flags.writeable = False
+    return grey
+
+
+@dataclass(frozen=True)
+class Light:
+    """One scene's light: where it comes from (a unit vector in the image plane, pointing from
+    the light to the scene, so shadows fall along it) and how strongly it shades."""
+
+    direction: tuple[float, float]
+    shadow: float  # SHADOW_STRENGTH drawn once per scene
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> Light:
+        angle = np.deg2rad(rng.uniform(30, 150))  # from above, left or right: shadows fall down and sideways
+        return cls((float(np.cos(angle)), float(np.sin(angle))), float(rng.uniform(*SHADOW_STRENGTH)))
+
+
+def _texture_patch(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """A random crop of one of THING_TEXTURES, zoomed to ``shape`` (rows, columns)."""
+    texture = _thing_texture(THING_TEXTURES[int(rng.integers(len(THING_TEXTURES)))])
+    h, w = shape
+    zoom = rng.uniform(0.6, 1.6)  # texture pixels per image pixel
+    ch = int(min(texture.shape[0], max(2, round(h * zoom))))
+    cw = int(min(texture.shape[1], max(2, round(w * zoom))))
+    y0 = int(rng.integers(0, texture.shape[0] - ch + 1))
+    x0 = int(rng.integers(0, texture.shape[1] - cw + 1))
+    return cv2.resize(np.ascontiguousarray(texture[y0:y0 + ch, x0:x0 + cw]), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _cast_shadow(canvas: np.ndarray, region: Region, light: Light) -> None:
+    """Darken what lies under ``region``'s shadow: its outline shifted along the light and blurred.
+
+    Called just before the thing is painted, so the shadow falls on the stuff and on the
+    things below it, and the thing itself (painted next) covers its own part of it.
+    """
+    points = region.draw["polygon"]
+    h, w = canvas.shape[:2]
+    radius = max(float(np.abs(points - points.mean(0)).max()), 1.0)
+    offset = np.array(light.direction) * region.draw["shadow_offset"] * radius
+    blur = 0.08 * radius + 1.5
+    rows, cols = _polygon_box(points + offset, w, h)
+    pad = int(3 * blur) + 1
+    rows = slice(max(rows.start - pad, 0), min(rows.stop + pad, h))
+    cols = slice(max(cols.start - pad, 0), min(cols.stop + pad, w))
+    if rows.start >= rows.stop or cols.start >= cols.stop:
+        return  # the shadow falls outside the image
+    shadow = _fill_polygon(points + offset - [cols.start, rows.start], cols.stop - cols.start,
+                           rows.stop - rows.start).astype(np.float32)
+    soft = cv2.GaussianBlur(shadow, (0, 0), blur)
+    canvas[rows, cols] *= (1 - light.shadow * soft)[..., None]
+
+
+def _paint_photo_thing(rng: np.random.Generator, look: np.random.Generator, region: Region,
+                       canvas: np.ndarray) -> None:
+    """The photo look of a thing: its colour (a little varied), a photograph's texture, a
+    second tone on one part, and light from the scene's side; no drawn rim."""
+    points = region.draw["polygon"]
+    x0, y0 = np.floor(points.min(0)).astype(int)
+    x1, y1 = np.ceil(points.max(0)).astype(int) + 1
+    h, w = canvas.shape[:2]
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    box = region.mask[y0:y1, x0:x1]
+    centre = points.mean(0)
+    radius = max(float(np.abs(points - centre).max()), 1.0)
+    grain = 10 * (rng.random(box.shape, np.float32) - 0.5)  # the flat look's draw, kept for its sequence
+    visible = np.flatnonzero(box)
+    ys, xs = np.divmod(visible, box.shape[1])
+    px = (xs + x0).astype(np.float32)
+    py = (ys + y0).astype(np.float32)
+    light = region.draw["light"]
+    # Light from the light's side: brighter towards it, darker away from it.
+    along = ((px - centre[0]) * light.direction[0] + (py - centre[1]) * light.direction[1]) / radius
+    shade = 1.06 - 0.15 * np.clip(along, -1, 1)  # about the palette colour on average, as the words say
+    texture = _texture_patch(look, box.shape).reshape(-1)[visible]
+    shade *= np.clip(1 + TEXTURE_CONTRAST * texture, 0.6, 1.4)
+    colour = np.array(THING_COLOURS[region.colour], np.float32)
+    colour = colour * look.uniform(0.93, 1.07) * look.uniform(0.96, 1.04, 3).astype(np.float32)
+    pixels = colour * shade[:, None] + grain.reshape(-1)[visible][:, None] * 0.5
+    # Highlights keep their hue: a pixel whose brightest channel would clip is scaled down whole.
+    pixels *= np.minimum(1, 250 / np.maximum(pixels.max(1, keepdims=True), 1))
+    if look.random() < TWO_TONE_PROBABILITY:
+        # A second part: the pixels on one side of a line through the thing, or a band across it.
+        angle = look.uniform(0, np.pi)
+        normal = np.array([np.cos(angle), np.sin(angle)], np.float32)
+        t = ((px - centre[0]) * normal[0] + (py - centre[1]) * normal[1]) / radius
+        cut = look.uniform(-0.3, 0.3)
+        if look.random() < 0.5:  # a darker side: the half beyond the line
+            part = t > cut
+            pixels[part] *= np.float32(look.uniform(0.7, 0.85))
+        else:  # a lighter band across the thing, narrow enough to leave its colour the main one
+            part = np.abs(t - cut) < look.uniform(0.1, 0.22)
+            pixels[part] += np.float32(look.uniform(0.15, 0.3)) * (np.float32(250) - pixels[part])
+    canvas[ys + y0, xs + x0] = pixels
+
+
+def _camera(look: np.random.Generator, canvas: np.ndarray, light: Light) -> np.ndarray:
+    """Illumination across the image, lens blur and sensor noise (float32 in, float32 out)."""
+    h, w = canvas.shape[:2]
+    across = (np.arange(w, dtype=np.float32) / w - 0.5) * 2 * light.direction[0]
+    down = (np.arange(h, dtype=np.float32) / h - 0.5) * 2 * light.direction[1]
+    canvas *= (1 - LIGHT_GRADIENT * np.clip(down[:, None] + across[None, :], -1, 1))[..., None]
+    canvas = cv2.GaussianBlur(canvas, (0, 0), CAMERA_BLUR_SIGMA)
+    canvas += np.float32(CAMERA_NOISE_SIGMA) * look.standard_normal(canvas.shape, dtype=np.float32)
+    return canvas
+
+
 def _copy_pixels(canvas: np.ndarray, paint: np.ndarray, where: np.ndarray) -> None:
     """``canvas[where] = paint[where]`` for (H, W, 3) float32 images and an (H, W) mask, each RGB pixel
     moved as one 12-byte item: several times faster than ``np.copyto`` with the mask broadcast over RGB."""
@@ -421,8 +563,21 @@ def _copy_pixels(canvas: np.ndarray, paint: np.ndarray, where: np.ndarray) -> No
     np.copyto(canvas.view(pixel)[..., 0], np.ascontiguousarray(paint, np.float32).view(pixel)[..., 0], where=where)
 
 
-def render_scene(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """Paint a scene description: uint8 HxWx3 RGB whose regions are exactly the scene's masks."""
+LOOKS = ("flat", "photo")
+LOOK = "photo"  # the dataset's look (SYNTHREF_VERSION 2); "flat" paints version 1's pixels
+
+
+def render_scene(scene: Scene, rng: np.random.Generator, look: str = LOOK,
+                 look_rng: np.random.Generator | None = None) -> np.ndarray:
+    """Paint a scene description: uint8 HxWx3 RGB whose regions are exactly the scene's masks.
+
+    ``rng`` draws the same numbers in both looks; the photo look draws its own from
+    ``look_rng`` (required for it), so a scene rendered in both looks differs in pixels only.
+    """
+    if look not in LOOKS:
+        raise ValueError(f"unknown SynthRef look {look!r}; known: {', '.join(LOOKS)}")
+    if look == "photo" and look_rng is None:
+        raise ValueError("the photo look draws from a generator of its own: pass look_rng")
     w, h = scene.width, scene.height
     canvas = np.zeros((h, w, 3), np.float32)
     for region in scene.regions:
@@ -439,10 +594,28 @@ def render_scene(scene: Scene, rng: np.random.Generator) -> np.ndarray:
             squash = 2.0 if bottom < h else 1.0  # a far band shows more ground per row
             paint = _paint_ground(rng, region.category, w, bottom - top, squash)
         _copy_pixels(canvas[band], paint, region.mask[band])
-    for region in scene.things:
-        _paint_thing(rng, region, canvas)
+    if look == "flat":
+        for region in scene.things:
+            _paint_thing(rng, region, canvas)
+    else:
+        light = Light.draw(look_rng)
+        for region in scene.things:
+            region.draw["light"] = light
+            region.draw["shadow_offset"] = float(look_rng.uniform(*SHADOW_OFFSET))
+            _cast_shadow(canvas, region, light)
+            _paint_photo_thing(rng, look_rng, region, canvas)
+        canvas = _camera(look_rng, canvas, light)
     canvas += 0.5
     return np.clip(canvas, 0, 255, out=canvas).astype(np.uint8)
+
+
+def synthref_image(seed: int, image_id: int, look: str = LOOK) -> tuple[Scene, np.ndarray, np.random.Generator]:
+    """Image ``image_id`` of the SynthRef of ``seed``: its scene, its pixels in ``look``, and the
+    image's generator where the expressions continue drawing (both looks leave it in one state)."""
+    rng = _image_rng(seed, image_id)
+    scene = sample_scene(rng, image_id)
+    pixels = render_scene(scene, rng, look, np.random.default_rng(np.random.SeedSequence([seed, image_id, 1])))
+    return scene, pixels, rng
 
 
 # --- 3. expressions ----------------------------------------------------------------
@@ -719,9 +892,7 @@ def _write_dataset(root: Path, seed: int, images: int, progress: bool) -> None:
     image_entries, annotations, refs = [], [], []
     ann_id = ref_id = sent_id = 0
     for image_id in tqdm(image_ids, desc="SynthRef", unit="image", disable=not progress):
-        rng = _image_rng(seed, image_id)
-        scene = sample_scene(rng, image_id)
-        pixels = render_scene(scene, rng)
+        scene, pixels, rng = synthref_image(seed, image_id)
         file_name = f"{image_id:05d}.png"
         (image_dir / file_name).write_bytes(_png_bytes(pixels))
         image_entries.append({"id": image_id, "file_name": file_name, "height": scene.height, "width": scene.width})
