@@ -77,8 +77,10 @@ def _step_rows(label: str, step: dict[str, Any] | None, peak: dict[str, Any]) ->
     if problem:
         return [_row(label, "", problem, "", "", "", "")]
     assert step is not None
+    layout = ("convolutions channels last, fc6-fc8 contiguous (the model's own)" if step["memory_format"] == "model"
+              else step["memory_format"].replace("_", " "))
     setup = (f"{step['backbone']} at {step['input_size']}, batch {step['batch_size']}, "
-             f"{step['memory_format'].replace('_', ' ')}, oneDNN {'on' if step['mkldnn'] else 'off'}, "
+             f"{layout}, oneDNN {'on' if step['mkldnn'] else 'off'}, "
              f"{step['threads']} threads (got {100 * step['cpu_share']:.0f}% of them)")
     frozen = step["flop_parts"].get("frozen convolutions", 0)
 
@@ -344,7 +346,7 @@ def details(results: dict[str, Any]) -> list[str]:
         peak = results["peak"]["flops_per_s"]
         lines += ["", "The frozen convolutions' forward pass under each CPU set-up "
                   f"({configurations['results'][0]['images']} image at {configurations['results'][0]['input_size']}, "
-                  "best of several); the training step uses the fastest per CPU-second:", "",
+                  "best of several); the model computes them channels last:", "",
                   _row("memory format", "oneDNN", "time", "FLOP/s", "of peak", "of peak per CPU-second"),
                   _row(*["---"] * 6)]
         per_cpu = results["peak"].get("flops_per_cpu_s")
@@ -352,6 +354,20 @@ def details(results: dict[str, Any]) -> list[str]:
             lines.append(_row(entry["memory_format"].replace("_", " "), "on" if entry["mkldnn"] else "off",
                               seconds(entry["seconds"]), flops(entry["flops_per_s"], True),
                               percent(entry["flops_per_s"] / peak),
+                              percent(entry["flops_per_cpu_s"] / per_cpu) if entry.get("flops_per_cpu_s") and per_cpu
+                              else "-"))
+    heads = results.get("head_configurations")
+    if heads and not _failed(heads):
+        peak = results["peak"]["flops_per_s"]
+        per_cpu = results["peak"].get("flops_per_cpu_s")
+        first = heads["results"][0]
+        lines += ["", f"fc6-fc8 of the `paper` step (forward, and backward to the weights; batch {first['batch']} "
+                  f"at the {first['grid']}x{first['grid']} grid, {flops(first['flops'])}) under each memory format, "
+                  "best of several; the model keeps them contiguous:", "",
+                  _row("memory format", "time", "FLOP/s", "of peak", "of peak per CPU-second"), _row(*["---"] * 5)]
+        for entry in heads["results"]:
+            lines.append(_row(entry["memory_format"].replace("_", " "), seconds(entry["seconds"]),
+                              flops(entry["flops_per_s"], True), percent(entry["flops_per_s"] / peak),
                               percent(entry["flops_per_cpu_s"] / per_cpu) if entry.get("flops_per_cpu_s") and per_cpu
                               else "-"))
     features = results.get("feature_cache")

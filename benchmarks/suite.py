@@ -149,7 +149,8 @@ def random_batch(profile: Profile, vocab_size: int, batch: int, high_res: bool =
     size, side = profile.input_size, profile.input_size if high_res else profile.grid
     images = torch.randn(batch, 3, size, size, generator=generator)
     return {
-        "images": images.to(device).contiguous(memory_format=_memory_format(memory_format)),
+        "images": images.to(device).contiguous(  # "model": as the trainer feeds them
+            memory_format=_memory_format("contiguous" if memory_format == "model" else memory_format)),
         "tokens": torch.randint(0, vocab_size, (batch, profile.seq_len), generator=generator).to(device),
         "labels": (torch.rand(batch, side, side, generator=generator) > 0.5).float().to(device),
     }
@@ -168,7 +169,9 @@ def training_step(profile: Profile, vocab_size: int, steps: int = 2, warmup_batc
     device_ = torch.device(device)
     config = profile.stage2 if high_res else profile.stage1
     torch.manual_seed(profile.seed)
-    model = build_model(profile, vocab_size).to(device_).to(memory_format=_memory_format(memory_format))
+    model = build_model(profile, vocab_size).to(device_)
+    if memory_format != "model":  # "model": each part in the layout the model itself chooses (the trainer's)
+        model = model.to(memory_format=_memory_format(memory_format))
     model.train()
     freeze_backbone(model, profile)
     optimizer = torch.optim.SGD(param_groups(model, profile.weight_decay), lr=config.lr, momentum=profile.momentum)
@@ -239,6 +242,7 @@ def backbone_configurations(profile: Profile, images: int = 1, repeats: int = 2,
     results = []
     for memory_format, mkldnn in (("contiguous", True), ("channels_last", True), ("contiguous", False)):
         model = backbone.to(memory_format=_memory_format(memory_format))
+        model.channels_last = memory_format == "channels_last"  # the layout measured, not the model's own
         batch = random_batch(profile, 4, images, memory_format=memory_format)["images"]
         with torch.no_grad(), _mkldnn(mkldnn):
             model(batch)  # warm-up
@@ -251,6 +255,41 @@ def backbone_configurations(profile: Profile, images: int = 1, repeats: int = 2,
         results.append({"memory_format": memory_format, "mkldnn": mkldnn, "images": images,
                         "input_size": profile.input_size, "seconds": best_wall, "cpu_s": best_cpu,
                         "flops_per_s": flops / best_wall, "flops_per_cpu_s": flops / best_cpu if best_cpu else None})
+    return results
+
+
+def head_configurations(profile: Profile, repeats: int = 2, batch: int | None = None) -> list[dict[str, Any]]:
+    """fc6-fc8 of a training step (forward, then backward to the weights) in each memory format.
+
+    The head's input is the frozen convolutions' output (no gradient), at the profile's grid
+    and batch; its FLOPs are counted on the same call. Best of ``repeats`` per layout.
+    """
+    from referseg.model.backbones import build_fc_head
+
+    batch = batch or profile.batch_size
+    torch.manual_seed(profile.seed)
+    in_channels = build_backbone(profile.replace(backbone_weights=None)).out_channels
+    head = build_fc_head(profile, in_channels)
+    features = torch.randn(batch, in_channels, profile.grid, profile.grid)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        head(features).sum().backward()
+    flops = int(counter.get_total_flops())
+    results = []
+    for memory_format in ("contiguous", "channels_last"):
+        layout = _memory_format(memory_format)
+        model = head.to(memory_format=layout)
+        inputs = features.contiguous(memory_format=layout)
+        watches = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            model.zero_grad(set_to_none=True)
+            with Stopwatch() as watch:
+                model(inputs).sum().backward()
+            watches.append(watch)
+        best_wall, best_cpu = min(w.wall for w in watches[1:]), min(w.cpu for w in watches[1:])
+        results.append({"memory_format": memory_format, "batch": batch, "grid": profile.grid, "flops": flops,
+                        "seconds": best_wall, "cpu_s": best_cpu, "flops_per_s": flops / best_wall,
+                        "flops_per_cpu_s": flops / best_cpu if best_cpu else None})
     return results
 
 

@@ -66,6 +66,7 @@ baseline_settings: dict = {}  # overrides of the baselines' settings
 examples: int = 4  # test pairs drawn for every baseline
 
 # %% tags=["hide-input"]
+import json
 import textwrap
 from pathlib import Path
 
@@ -180,19 +181,19 @@ else:
     print("no model to compare with: train chapter 5's stage 2 first")
 
 # %% [markdown]
-# Where a baseline built on proposals comes close to the model or beats it, the reason
-# lies in SynthRef's things: each is a shape of one colour, smoothly shaded, with a
-# darker rim (`referseg/data/synthetic.py`), so its outline is sharp against the ground
-# behind it. Felzenszwalb and Huttenlocher's graph segmentation
-# {cite}`felzenszwalb2004efficient`, a bottom-up method that merges neighbouring pixels
-# of similar colour, can then cut a thing along its outline, and the proposal scorer
-# only has to *pick* the right segment among the image's proposals (the first table
-# gives their number per image), with the help of SynthRef's words (a colour, a
-# category, a position) and the segment's pooled features. The model has to *draw* the
-# mask itself, from a $g \times g$ grid of decisions upsampled by its learned
-# deconvolution (chapter 5). How well the segments fit is measured by the bottom-up
-# ceiling: the IoU of the best proposal for each test pair, the best that a perfect
-# scorer could reach.
+# Where a baseline built on proposals comes close to the model or beats it, the
+# reason lies in how SynthRef's things meet bottom-up segmentation. Felzenszwalb and
+# Huttenlocher's graph segmentation {cite}`felzenszwalb2004efficient` merges
+# neighbouring pixels of similar colour; the proposal scorer then only has to *pick*
+# the right segment among the image's proposals (the first table gives their number
+# per image), with the help of SynthRef's words (a colour, a category, a position) and
+# the segment's pooled features. The model has to *draw* the mask itself, from a
+# $g \times g$ grid of decisions upsampled by its learned deconvolution (chapter 5).
+# How well the segments fit is measured by the bottom-up ceiling: the IoU of the best
+# proposal for each test pair, the best that a perfect scorer could reach. The data
+# chapter measured it on the same test images in SynthRef's two looks
+# ({numref}`fig-data-looks`): the flat shapes of version 1 and the textured, two-tone,
+# shadowed things of version 2 that this book trains on.
 
 # %% tags=["hide-input"]
 proposal_baseline = fitted["proposal-classification"]
@@ -208,6 +209,12 @@ parts = [f"{ceiling[kind]:.1f}% for the {len(best[kind])} test pairs that refer 
          f"{'things' if kind == 'thing' else 'stuff'}" for kind in ceiling]
 sentence = (f"The bottom-up ceiling, at the proposals' {side}x{side} letterbox: the "
             f"best proposal's mean IoU is {' and '.join(parts)}.")
+ceiling_file = Path(run_dir) / "ceiling.json"  # the data chapter's, both looks
+if ceiling_file.is_file() and "thing" in ceiling:
+    looks = json.loads(ceiling_file.read_text())
+    flat = 100 * looks["flat"]["thing"]["ceiling"]
+    sentence += (f" On things that is {ceiling['thing'] - flat:+.1f} points from the "
+                 f"{flat:.1f}% of the same scenes in the flat look (the data chapter).")
 picked = summaries["proposal-classification"]["by_region"].get("thing")
 if picked and "thing" in ceiling:
     sentence += (f" On things, the fitted scorer's picks reach a mean IoU of "
@@ -219,9 +226,13 @@ if picked and "thing" in ceiling:
 viz.print_wrapped(sentence)
 
 # %% [markdown]
-# These numbers come from shapes that bottom-up segmentation can find along their
-# outline. They say little about the same comparison on photographs, where the paper
-# makes it; the `paper` profile runs it on ReferIt ({doc}`../paper_profile`).
+# The photo look takes some of the proposals' advantage away, not all of it: texture,
+# a second tone, shadows and blur break the segments, but SynthRef's things are still
+# single objects on a simpler background than ReferIt's photographs, so even this
+# ceiling stays high. The comparison with the model therefore still says little about
+# the same comparison on photographs, where the paper makes it; the `paper` profile
+# runs it on ReferIt ({doc}`../paper_profile`), and chapter 10 applies the model to
+# photographs.
 #
 # ## What each baseline predicts
 #

@@ -76,20 +76,22 @@ print(f"run {run_dir}: profile {run_profile.name!r}, {run_profile.dataset} {spli
 # %% [markdown]
 # ## Evaluating the models
 #
-# `evaluate_all` evaluates the stage-1 (low resolution) and stage-2 (high resolution)
-# checkpoints of the run folder on the test split and writes `eval/<method>_<split>.csv`
-# (one row per pair: ids, expression, type, stuff or thing, $I$, $U$, IoU, and the same
+# The stage-1 (low resolution) and stage-2 (high resolution) checkpoints of the run
+# folder are evaluated on the test split, which writes `eval/<method>_<split>.csv` (one
+# row per pair: ids, expression, type, stuff or thing, $I$, $U$, IoU, and the same
 # counts under the other evaluation mode) and `.json` (the summary). The stage-1 model's
-# high-resolution output is its bilinear-initialised deconvolution (SPEC §4). When
-# chapter 6 has left the baselines' results for this profile, they are read back
-# (`reuse_baselines`); otherwise they are fitted and evaluated here. It prints what it
-# evaluated and the table, which the next section shows in full.
+# high-resolution output is its bilinear-initialised deconvolution (SPEC §4). Results
+# that the chapters before saved are read back when they are current (newer than their
+# checkpoint, in this profile's mode), and so are the baselines' results of chapter 6;
+# anything missing is evaluated or fitted here (`evaluate_all` with `reuse_baselines`
+# and `reuse_models`; from the command line, `referseg evaluate --all` evaluates
+# everything again). It prints the table, which the next section shows in full.
 
 # %%
 printed = io.StringIO()
 with contextlib.redirect_stdout(printed):
     table = evaluate_all(run_dir, split=split, device=device, progress=False,
-                         reuse_baselines=True)
+                         reuse_baselines=True, reuse_models=True)
 print(printed.getvalue().replace(table.to_string() + "\n", ""), end="")
 methods = [v for name in BASELINES for v in baseline_class(name).variants] + list(OURS)
 summaries = {m: saved_summary(run, m, split) for m in methods}

@@ -39,7 +39,7 @@ from referseg.metrics import (
     summarize_groups,
 )
 from referseg.predict import split_logits, text_only_logits
-from referseg.runs import Run, SplitData, load_checkpoint, stage_checkpoints, train_hint
+from referseg.runs import Run, SplitData, checkpoint_path, load_checkpoint, stage_checkpoints, train_hint
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -128,6 +128,27 @@ def saved_summary(run: Run, method: str, split: str) -> dict | None:
         return None
     summary = json.loads(path.read_text())
     return summary if summary.get("profile") == run.profile.name else None
+
+
+def current_summary(run: Run, stage: int, split: str) -> dict | None:
+    """The saved summary of ``stage`` on ``split`` when it still describes the stage's checkpoint:
+    this profile's, in its evaluation mode and written after the checkpoint; else None."""
+    checkpoint = checkpoint_path(run.run_dir, stage)
+    method = STAGE_METHOD[stage]
+    saved = saved_summary(run, method, split)
+    saved_file = run.eval_dir / f"{method}_{split}.json"
+    if (saved is not None and checkpoint.is_file() and saved["mode"] == run.profile.eval_mode
+            and saved_file.stat().st_mtime >= checkpoint.stat().st_mtime):
+        return saved
+    return None
+
+
+def stage_summary(run: Run, stage: int, split: str) -> dict | None:
+    """The evaluation summary of a run's ``stage`` on ``split``: the saved one while it is current
+    (:func:`current_summary`), else the stage evaluated now. None without a checkpoint."""
+    if not checkpoint_path(run.run_dir, stage).is_file():
+        return None
+    return current_summary(run, stage, split) or evaluate_models(run, split, stages=[stage])[STAGE_METHOD[stage]]
 
 
 def modes_for(mode: str) -> tuple[str, ...]:

@@ -717,21 +717,10 @@ def sweep_sentences(table: pd.DataFrame, choice: Mapping[str, Any]) -> list[str]
 
 
 def stage_summary(run: Any, stage: int, split: str) -> dict | None:
-    """The evaluation summary of a run's ``stage`` on ``split``: the one saved in the run folder when it
-    is this profile's, in its evaluation mode, and newer than the stage's checkpoint; otherwise the
-    stage is evaluated now (:func:`referseg.evaluate.evaluate_models`). None without a checkpoint."""
-    from referseg.evaluate import STAGE_METHOD, evaluate_models, saved_summary
-    from referseg.runs import stage_checkpoints
+    """:func:`referseg.evaluate.stage_summary`: a stage's saved summary while current, else evaluated now."""
+    from referseg.evaluate import stage_summary as summary_of_stage
 
-    checkpoints, method = stage_checkpoints(run.run_dir), STAGE_METHOD[stage]
-    if stage not in checkpoints:
-        return None
-    saved = saved_summary(run, method, split)
-    saved_file = run.eval_dir / f"{method}_{split}.json"
-    if (saved is not None and saved["mode"] == run.profile.eval_mode
-            and saved_file.stat().st_mtime >= checkpoints[stage].stat().st_mtime):
-        return saved
-    return evaluate_models(run, split, stages=[stage])[method]
+    return summary_of_stage(run, stage, split)
 
 
 def by_region(summary: Mapping[str, Any]) -> dict[str, float]:

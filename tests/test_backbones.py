@@ -130,6 +130,24 @@ def test_slim_vgg16_widths_random_init_and_seed():
     assert min(m.out_channels for m in tiny.modules() if isinstance(m, nn.Conv2d)) == 8
 
 
+def test_vgg_convolves_in_channels_last_and_hands_fc6_a_contiguous_map():
+    """The VGG body computes in channels_last (the layout its convolutions run fastest in) and
+    returns a contiguous map for fc6-fc8; the numbers are those of the contiguous computation."""
+    profile = get_profile("smoke", backbone="slim_vgg16", width_mult=1 / 8, stride=32, input_size=64,
+                          backbone_weights=None)
+    backbone = build_backbone(profile).eval()
+    assert backbone.channels_last
+    conv = next(m for m in backbone.body if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = backbone(images)
+        backbone.channels_last = False
+        reference = backbone.body.to(memory_format=torch.contiguous_format)(images)
+    assert out.is_contiguous() and out.shape == reference.shape
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+
+
 def test_fc_head_sizes_from_profile():
     profile = get_profile("cpu")
     head = build_fc_head(profile, 112)

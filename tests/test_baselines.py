@@ -3,9 +3,11 @@ baseline fitting and predicting on a tiny SynthRef."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -244,6 +246,19 @@ def test_evaluate_all_makes_the_whole_table(smoke_run, tmp_path):
     assert list(table.columns) == ["P@0.5", "P@0.6", "P@0.7", "P@0.8", "P@0.9", "overall IoU", "mean IoU"]
     assert (run_dir / "eval" / "table_test.md").is_file() and (run_dir / "eval" / "table_test.csv").is_file()
     assert ((table >= 0) & (table <= 100)).all().all()
+    # The book's call reuses what is current: no baseline refitted, the stage not evaluated again...
+    saved = run_dir / "eval" / "ours-lowres_test.json"
+    written = saved.stat().st_mtime_ns
+    again = evaluate_all(run_dir, split="test", device="cpu", progress=False, settings=FAST,
+                         reuse_baselines=True, reuse_models=True)
+    pd.testing.assert_frame_equal(again, table)
+    assert saved.stat().st_mtime_ns == written
+    # ...until the checkpoint is newer than its results: then the stage is evaluated again.
+    checkpoint = run_dir / "stage1" / "checkpoint.pt"
+    os.utime(checkpoint, ns=(written + 10**9, written + 10**9))
+    evaluate_all(run_dir, split="test", device="cpu", progress=False, settings=FAST,
+                 reuse_baselines=True, reuse_models=True)
+    assert saved.stat().st_mtime_ns > written
 
 
 def test_unknown_baseline_lists_the_names(smoke_run):

@@ -351,6 +351,24 @@ def test_existing_output_is_reused_or_refused(tmp_path):
         generate_synthref(tmp_path / "zero", images=0)
 
 
+def test_an_older_version_of_the_same_synthref_is_replaced_whole(tmp_path):
+    """Our own output of an older generator (same seed and size) is regenerated in place; a newer
+    or unknown version is refused, as anything else is."""
+    out = generate_synthref(tmp_path / "d", seed=1, images=3, progress=False)
+    current = (out / "synthref" / "instances.json").read_bytes()
+    meta_file = out / "synthref" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "version": sr.SYNTHREF_VERSION - 1}))
+    (out / "synthref" / "instances.json").write_text("{}")  # what version 1 wrote, say
+    assert generate_synthref(out, seed=1, images=3, progress=False) == out
+    assert json.loads(meta_file.read_text()) == meta
+    assert (out / "synthref" / "instances.json").read_bytes() == current
+    assert not list(tmp_path.glob(".d.*"))  # neither the partial nor the old copy is left
+    meta_file.write_text(json.dumps({**meta, "version": sr.SYNTHREF_VERSION + 1}))
+    with pytest.raises(FileExistsError, match="different SynthRef"):
+        generate_synthref(out, seed=1, images=3, progress=False)
+
+
 def test_refer_loader_reads_it(synth, dataset):
     refer_module = pytest.importorskip("referseg.data.refer", reason="the REFER loader is not written yet")
     refer = refer_module.Refer(synth, "synthref", "synth")

@@ -108,14 +108,16 @@ def run_baseline(name: str, run_dir: str | Path, split: str = "test", device: st
 
 def evaluate_all(run_dir: str | Path, split: str = "test", mode: str | None = None, device: str = "auto",
                  progress: bool = True, settings: BaselineSettings | None = None,
-                 reuse_baselines: bool = False) -> pd.DataFrame:
+                 reuse_baselines: bool = False, reuse_models: bool = False) -> pd.DataFrame:
     """The paper's table of a run: every baseline, then our two stages, on ``split``.
 
     Writes each method's results and ``<run>/eval/table_<split>.csv`` and ``.md``; prints
     and returns the table (rows: methods; columns in %). ``referseg evaluate --all``. With
-    ``reuse_baselines``, a baseline whose results this profile already saved is not refitted.
+    ``reuse_baselines``, a baseline whose results this profile already saved is not refitted;
+    with ``reuse_models``, a stage whose saved results are current (``current_summary``: newer
+    than its checkpoint, in the profile's mode) is not evaluated again. The book reuses both.
     """
-    from referseg.evaluate import OURS, evaluate_models, report, saved_summary
+    from referseg.evaluate import OURS, STAGE_METHOD, current_summary, evaluate_models, report, saved_summary
     from referseg.runs import Run, stage_checkpoints
 
     run_dir = Path(run_dir)
@@ -130,7 +132,12 @@ def evaluate_all(run_dir: str | Path, split: str = "test", mode: str | None = No
             summaries.update(saved)
         else:
             summaries.update(evaluate_baseline(run, name, split, mode, settings))
-    ours = evaluate_models(run, split, mode)
+    current = {stage: current_summary(run, stage, split) if reuse_models and mode == run.profile.eval_mode
+               else None for stage in stage_checkpoints(run_dir)}
+    stale = [stage for stage, summary in current.items() if summary is None]
+    ours = {STAGE_METHOD[stage]: summary for stage, summary in current.items() if summary is not None}
+    if stale:
+        ours.update(evaluate_models(run, split, mode, stages=stale))
     summaries.update({m: ours[m] for m in OURS if m in ours})
     return report(run, split, mode, summaries, time.perf_counter() - started, write=True)
 

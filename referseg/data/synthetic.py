@@ -861,6 +861,13 @@ def _existing_meta(out: Path) -> dict | None:
         return None
 
 
+def _is_older_version(meta: dict | None, seed: int, images: int) -> bool:
+    """True for the meta of this seed and size made by an older version of this generator."""
+    version = (meta or {}).get("version")
+    return (meta is not None and {**meta, "version": SYNTHREF_VERSION} == _meta(seed, images)
+            and isinstance(version, int) and version < SYNTHREF_VERSION)
+
+
 def _check_existing(out: Path, seed: int, images: int) -> bool:
     """True if ``out`` already holds this very SynthRef; raise if it holds anything else."""
     if not out.exists():
@@ -870,6 +877,8 @@ def _check_existing(out: Path, seed: int, images: int) -> bool:
     meta = _existing_meta(out)
     if meta == _meta(seed, images):
         return True
+    if _is_older_version(meta, seed, images):
+        return False  # the same SynthRef from an older generator: generate_synthref replaces it
     if meta is not None:
         raise FileExistsError(
             f"{out} already holds a different SynthRef (seed {meta.get('seed')}, {meta.get('images')} images, "
@@ -940,7 +949,8 @@ def generate_synthref(out: Path, seed: int = 0, images: int = 600, progress: boo
     The same seed and image count give byte-identical files. Files are written into a
     hidden sibling folder renamed onto ``out`` at the end, so an interrupted run never
     leaves a folder that looks complete. If ``out`` already holds this SynthRef, return at
-    once; if it holds anything else, raise ``FileExistsError``.
+    once; if it holds the same seed and size from an older ``SYNTHREF_VERSION``, replace it
+    (once the new one is complete); if it holds anything else, raise ``FileExistsError``.
     """
     out = Path(out)
     if isinstance(images, bool) or not isinstance(images, int) or images < 1:
@@ -955,7 +965,15 @@ def generate_synthref(out: Path, seed: int = 0, images: int = 600, progress: boo
         partial.chmod(0o755)  # mkdtemp makes it private; the dataset is an ordinary folder
         _write_dataset(partial, seed, images, progress)
         try:
-            os.rename(partial, out)
+            if out.exists() and _is_older_version(_existing_meta(out), seed, images):
+                # Our own older output, regenerable by that version: moved aside only once the
+                # new one is complete, then removed (run folders record which version they used).
+                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+                os.rename(out, old / out.name)
+                os.rename(partial, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(partial, out)
         except OSError:
             if _existing_meta(out) == _meta(seed, images):  # another process just finished the same work
                 shutil.rmtree(partial)
