@@ -224,6 +224,8 @@ def summary_rows(results: dict[str, Any]) -> list[str]:
     else:
         which = ", ".join(notebooks["profiles"])
         verdict = (("within" if notebooks["within_budget"] else "over") + f" the {seconds(notebooks['budget_s'])} budget"
+                   + (", " + ("within" if notebooks.get("within_target") else "over")
+                      + f" the {seconds(notebooks['target_s'])} target" if "target_s" in notebooks else "")
                    if notebooks["cpu_book"] else f"profile {which}: the `cpu` book is not measured")
         rows.append(_line("the book's notebooks", f"{len(notebooks['notebooks'])} notebooks, profile {which}",
                          f"{seconds(notebooks['total_s'])} in all ({verdict})", "", "", ""))

@@ -38,6 +38,7 @@ REFERIT_TRAINVAL_IMAGES = 9_995  # SPEC 2: trainval images with queries (the pap
 REFERIT_TEST_PAIRS = 60_105  # SPEC 2, 6: (region, expression) pairs of the test split
 REFERIT_SIZES = ((360, 480), (480, 360), (320, 480), (480, 320))  # SPEC 2: (height, width), mostly the first two
 CPU_BOOK_BUDGET_S = 600.0  # DESIGN "Profiles": the whole cpu book within 10 minutes
+CPU_BOOK_TARGET_S = 300.0  # issue 15: its notebooks within 5 minutes on two idle cores
 EXPRESSION = "man on the left"  # any expression: latency does not depend on the words
 
 # Leaf modules of the Segmenter whose FLOPs are reported apart (SPEC 4 names).
@@ -500,7 +501,9 @@ def notebook_times(folder: Path) -> dict[str, Any]:
     total = sum(row["seconds"] for row in rows)
     profiles = sorted({str(row["profile"]) for row in rows})
     return {"notebooks": rows, "total_s": total, "profiles": profiles, "budget_s": CPU_BOOK_BUDGET_S,
-            "cpu_book": profiles == ["cpu"], "within_budget": profiles == ["cpu"] and total <= CPU_BOOK_BUDGET_S}
+            "target_s": CPU_BOOK_TARGET_S, "cpu_book": profiles == ["cpu"],
+            "within_budget": profiles == ["cpu"] and total <= CPU_BOOK_BUDGET_S,
+            "within_target": profiles == ["cpu"] and total <= CPU_BOOK_TARGET_S}
 
 
 # --------------------------------------------------------------------------- the feature cache at paper scale
