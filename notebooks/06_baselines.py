@@ -226,13 +226,12 @@ if picked and "thing" in ceiling:
 viz.print_wrapped(sentence)
 
 # %% [markdown]
-# The photo look takes some of the proposals' advantage away, not all of it: texture,
-# a second tone, shadows and blur break the segments, but SynthRef's things are still
-# single objects on a simpler background than ReferIt's photographs, so even this
-# ceiling stays high. The comparison with the model therefore still says little about
-# the same comparison on photographs, where the paper makes it; the `paper` profile
-# runs it on ReferIt ({doc}`../paper_profile`), and chapter 10 applies the model to
-# photographs.
+# Texture, a second tone, shadows and blur break some segments, which the change of
+# the ceiling above measures; but SynthRef's things are still single objects on a
+# simpler background than ReferIt's photographs, so the comparison with the model says
+# little about the same comparison on photographs, where the paper makes it. The
+# `paper` profile runs it on ReferIt ({doc}`../paper_profile`), and chapter 10 applies
+# the model to photographs.
 #
 # ## What each baseline predicts
 #

@@ -488,8 +488,9 @@ if ref_samples is not None:
 bow = {name: ablations.load_samples(run_dir, name, grid_seeds[:1])
        for name in (ablations.REFERENCE, "bag-of-words")}
 if any(s is None for s in bow.values()):
-    print("needs the per-sample results of the grid's runs: `make ablations` (or the "
-          "quick grid, quick='always') writes them to the run folder")
+    viz.print_wrapped("needs the per-sample results of the grid's runs: "
+                      "`make ablations` (or the quick grid, quick='always') "
+                      "writes them to the run folder")
 else:
     columns = ["sent_id", "image_id", "ann_id", "expression", "intersection", "union"]
     frame = bow[ablations.REFERENCE][columns].copy()
