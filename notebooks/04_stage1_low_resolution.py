@@ -64,6 +64,7 @@ from referseg import viz
 from referseg.config import get_profile
 from referseg.data.refer import load_refer
 from referseg.data.transforms import letterbox_mask, lowres_labels
+from referseg.evaluate import stage_summary
 from referseg.metrics import intersection_union, iou_from_counts, summarize_groups
 from referseg.runs import Run, load_checkpoint, read_checkpoint, read_log
 from referseg.train import train
@@ -188,7 +189,7 @@ if sweep is not None:
 # pairs and separately on things (SynthRef's shapes) and stuff (sky, grass, water...):
 
 # %% tags=["hide-input"]
-val_summary = viz.stage_summary(Run(run_dir, device=device, progress=False), 1, "val")
+val_summary = stage_summary(Run(run_dir, device=device, progress=False), 1, "val")
 val_iou = viz.by_region(val_summary)
 display(pd.Series(val_iou, name="validation overall IoU (%)").round(2).to_frame().T)
 viz.print_wrapped(

@@ -67,6 +67,7 @@ from referseg import viz
 from referseg.config import get_profile
 from referseg.data.refer import load_refer
 from referseg.data.transforms import letterbox_mask, prediction_mask
+from referseg.evaluate import stage_summary
 from referseg.metrics import intersection_union, iou_from_counts
 from referseg.model.segmenter import bilinear_kernel
 from referseg.runs import Run, load_checkpoint, read_checkpoint, read_log
@@ -164,7 +165,7 @@ ax.set_title(f"both stages ({run_profile.name} profile)");
 
 # %% tags=["hide-input"]
 val_run = Run(run_dir, device=device, progress=False)  # stage 1: chapter 4's, read back
-summaries = {stage: viz.stage_summary(val_run, stage, "val") for stage in (1, 2)}
+summaries = {stage: stage_summary(val_run, stage, "val") for stage in (1, 2)}
 val_table = pd.DataFrame({f"stage {stage}": viz.by_region(summary)
                           for stage, summary in summaries.items()}).T.round(2)
 display(val_table.rename_axis("validation overall IoU (%)"))

@@ -80,7 +80,7 @@ from referseg.baselines import BASELINES, evaluate_baseline, fit_baseline
 from referseg.baselines.common import BaselineSettings
 from referseg.config import get_profile
 from referseg.data.transforms import prediction_mask
-from referseg.evaluate import OURS, paper_table
+from referseg.evaluate import OURS, paper_table, stage_summary
 from referseg.metrics import (intersection_union, iou_from_counts, overall_iou,
                               summarize_groups)
 from referseg.runs import Run
@@ -123,7 +123,7 @@ display(viz.dash_missing(pd.DataFrame(timing).set_index("baseline")))
 # The model: chapter 5's high-resolution stage, evaluated as chapter 7 evaluates it
 # (its saved results are read back when they are newer than its checkpoint).
 split = run.profile.eval_split
-ours = viz.stage_summary(run, 2, split)
+ours = stage_summary(run, 2, split)
 if ours is None:
     print(f"no stage-2 model in {run.run_dir}: the table has no row for the model")
 table = paper_table({**summaries, **({"ours-highres": ours} if ours else {})})

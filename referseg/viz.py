@@ -716,13 +716,6 @@ def sweep_sentences(table: pd.DataFrame, choice: Mapping[str, Any]) -> list[str]
     return sentences
 
 
-def stage_summary(run: Any, stage: int, split: str) -> dict | None:
-    """:func:`referseg.evaluate.stage_summary`: a stage's saved summary while current, else evaluated now."""
-    from referseg.evaluate import stage_summary as summary_of_stage
-
-    return summary_of_stage(run, stage, split)
-
-
 def by_region(summary: Mapping[str, Any]) -> dict[str, float]:
     """Overall IoU (%) of an evaluation summary (:func:`referseg.evaluate.save_method`) on all pairs,
     on things and on stuff."""
