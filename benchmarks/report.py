@@ -227,8 +227,11 @@ def summary_rows(results: dict[str, Any]) -> list[str]:
                    + (", " + ("within" if notebooks.get("within_target") else "over")
                       + f" the {seconds(notebooks['target_s'])} target" if "target_s" in notebooks else "")
                    if notebooks["cpu_book"] else f"profile {which}: the `cpu` book is not measured")
+        how = notebooks.get("measured", "sum of the notebooks' durations")
+        busy = (f"; {seconds(notebooks['notebook_s'])} of notebook time"
+                if notebooks.get("jobs") else "")
         rows.append(_line("the book's notebooks", f"{len(notebooks['notebooks'])} notebooks, profile {which}",
-                         f"{seconds(notebooks['total_s'])} in all ({verdict})", "", "", ""))
+                         f"{seconds(notebooks['total_s'])} in all ({verdict}; {how}{busy})", "", "", ""))
     return rows
 
 

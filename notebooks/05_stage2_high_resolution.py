@@ -8,6 +8,8 @@
 #     display_name: Python 3
 #     language: python
 #     name: python3
+#   referseg:
+#     needs: [04_stage1_low_resolution]
 # ---
 
 # %% [markdown]

@@ -134,15 +134,21 @@ rows = []
 for name, nb in notebooks.items():
     run = nb.metadata.get("papermill", {})
     rows.append({"notebook": name, "started": (run.get("start_time") or "")[:19],
+                 "ended": (run.get("end_time") or "")[:19],
                  "seconds": run.get("duration"),
                  "cells": sum(c.cell_type == "code" for c in nb.cells),
                  "profile": run.get("parameters", {}).get("profile")})
-per_notebook = pd.DataFrame(rows, columns=["notebook", "started", "seconds", "cells",
-                                           "profile"])
+per_notebook = pd.DataFrame(rows, columns=["notebook", "started", "ended", "seconds",
+                                           "cells", "profile"])
 if per_notebook.empty:
     print(f"no executed notebooks in {executed_dir} yet: run `referseg book` first")
 else:
-    print(f"all notebooks: {per_notebook['seconds'].sum():.1f} s")
+    span = (pd.to_datetime(per_notebook["ended"]).max()
+            - pd.to_datetime(per_notebook["started"]).min()).total_seconds()
+    busy = per_notebook["seconds"].sum()
+    viz.print_wrapped(f"all notebooks but this one: {busy:.1f} s of notebook time, "
+                      f"{span:.0f} s from the first start to the last end (notebooks "
+                      "that do not need each other run at once)")
 per_notebook.round(1)
 
 # %% [markdown]

@@ -4,8 +4,11 @@ Conventions the notebooks follow (``notebooks/NN_name.py``, jupytext py:percent)
 - one cell tagged ``parameters`` assigns ``profile``, ``run_dir``, ``device``, ``seed``
   and ``overrides`` (a dict of profile overrides), one ``name: type = value  # meaning``
   a line; papermill injects the real values in a cell of its own, which the book hides;
-- notebooks hand results to later ones through files in ``run_dir``, so when one
-  notebook re-runs, every later one re-runs too;
+- notebooks hand results to later ones through files in ``run_dir``. A notebook names the
+  ones whose files it reads in its header, ``referseg: {needs: [01_data]}`` (jupytext
+  metadata; without it, it needs every earlier one). When one re-runs, every notebook that
+  needs it re-runs too, and notebooks that do not need each other run side by side
+  (``jobs`` at once, two by default: the book's two cores);
 - exercise solutions are cells tagged ``solution`` (code cells also ``hide-cell`` so the
   book folds them; markdown ones are a ``{admonition}`` with ``:class: dropdown``). The
   student edition replaces them with a placeholder and clears every output.
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,8 @@ NOTEBOOK_GLOB = "[0-9][0-9]_*.py"
 EXECUTED_DIR = Path("book") / "notebooks"  # executed notebooks, relative to the root (git-ignored)
 PLACEHOLDERS = {"code": "# Your solution here.\n", "markdown": "*Your answer here.*"}
 INJECTED_TAG, HIDE_TAG = "injected-parameters", "remove-cell"  # papermill's tag; myst-nb's
+JOBS = 2  # notebooks executed at once: the two cores the book is built on (README)
+BUILD_RECORD = "build.json"  # in EXECUTED_DIR: the last build's wall time, what ran and what was skipped
 LOCK_FILE = "requirements.lock"  # pip constraints: the versions the book was built with (make lock)
 # Left unpinned in the lock (written as comments): the local torch build and what it brings with it.
 UNPINNED = ("torch", "torchvision", "triton")
@@ -160,6 +166,26 @@ def check_sources(root: Path, sources: dict[Path, Any], with_toc: bool) -> None:
                              f"make _toc.yml list every {EXECUTED_DIR.as_posix()}/<name> of notebooks/<name>.py")
 
 
+def notebook_needs(sources: dict[Path, Any]) -> dict[str, tuple[str, ...]]:
+    """What each notebook reads the files of: ``referseg: {needs: [...]}`` in its header, else
+    every earlier notebook. Only earlier notebooks may be named, so the order stays a valid one."""
+    names = [path.stem for path in sources]
+    needs = {}
+    for index, (path, nb) in enumerate(sources.items()):
+        declared = nb.metadata.get("referseg", {}).get("needs")
+        if declared is None:
+            needs[path.stem] = tuple(names[:index])
+            continue
+        if isinstance(declared, str) or not all(isinstance(name, str) for name in declared):
+            raise ValueError(f"{path}: referseg.needs must be a list of notebook names, such as [01_data]")
+        unknown = [name for name in declared if name not in names[:index]]
+        if unknown:
+            raise ValueError(f"{path}: referseg.needs names {', '.join(unknown)}, which is not an earlier "
+                             f"notebook; name some of {', '.join(names[:index]) or 'none (it is the first)'}")
+        needs[path.stem] = tuple(declared)
+    return needs
+
+
 def check_data(profile: Profile, root: Path) -> None:
     """Stop before the first notebook when the profile needs ReferIt and it is not there (cheap file checks)."""
     if profile.dataset != "referit":
@@ -183,7 +209,7 @@ def fingerprint(source: str, parameters: dict[str, Any], package: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def execute(nb: Any, output: Path, parameters: dict[str, Any], cwd: Path) -> float:
+def execute(nb: Any, output: Path, parameters: dict[str, Any], cwd: Path, progress_bar: bool = True) -> float:
     """Execute one notebook with papermill (python3 kernel, working directory ``cwd``); seconds taken.
 
     The cell papermill injects with the run's parameters is kept in the executed notebook
@@ -195,7 +221,7 @@ def execute(nb: Any, output: Path, parameters: dict[str, Any], cwd: Path) -> flo
     start = time.perf_counter()
     output.parent.mkdir(parents=True, exist_ok=True)
     executed = papermill.execute_notebook(nb, output, parameters=parameters, kernel_name="python3",
-                                          language="python", cwd=cwd, progress_bar=True)
+                                          language="python", cwd=cwd, progress_bar=progress_bar)
     if hide_injected_parameters(executed):
         atomic_write_text(output, nbformat.writes(executed))
     return time.perf_counter() - start
@@ -243,15 +269,15 @@ def mark_stale(root: Path, reason: str) -> Path | None:
 
 
 def build_book(profile: str = "cpu", overrides: dict[str, Any] | None = None, student: bool = False,
-               force: bool = False, build_html: bool = True, root: str | Path | None = None) -> int:
+               force: bool = False, build_html: bool = True, root: str | Path | None = None,
+               jobs: int = JOBS) -> int:
     """Execute every notebook for ``profile`` (skipping unchanged ones), then build ``_build/html``.
 
     ``student=True`` writes the student edition to ``student/`` instead and checks that it runs
-    under the smoke profile. ``root`` is the project folder (default: this repository).
+    under the smoke profile. ``root`` is the project folder (default: this repository). ``jobs``:
+    notebooks executed at once (1: one after the other, in their order).
     Returns 0 on success, 1 when a notebook fails (the book is then not built).
     """
-    from papermill.exceptions import PapermillExecutionError
-
     root = Path(root or (ROOT if (ROOT / "notebooks").is_dir() else Path.cwd())).resolve()
     overrides = dict(overrides or {})
     resolved = get_profile(profile, **overrides)  # ValueError naming the valid profiles / parameters
@@ -269,28 +295,92 @@ def build_book(profile: str = "cpu", overrides: dict[str, Any] | None = None, st
                   "overrides": overrides}
     rerun = force or not (root / run_dir).exists()  # outputs are worthless without their run folder
     (root / run_dir).mkdir(parents=True, exist_ok=True)
-    package, total = package_hash(), time.perf_counter()
-    for path, nb in sources.items():
-        output = root / EXECUTED_DIR / f"{path.stem}.ipynb"
-        stamp_file = output.with_suffix(".stamp")
-        stamp = fingerprint(path.read_text(), parameters, package)
-        if not rerun and output.exists() and stamp_file.exists() and stamp_file.read_text().strip() == stamp:
-            print(f"{path.stem:<24} unchanged, skipped")
-            continue
-        rerun = True  # later notebooks read this one's files in the run folder
-        stamp_file.unlink(missing_ok=True)
-        try:
-            seconds = execute(nb, output, parameters, cwd=root)
-        except PapermillExecutionError as err:
-            print(describe_failure(path.stem, output, err, nb=nb), file=sys.stderr)
-            note = mark_stale(root, f"notebook {path.stem} failed")
-            if note:
-                print(f"  the previous HTML book was removed as out of date ({note})", file=sys.stderr)
-            return 1
-        atomic_write_text(stamp_file, stamp + "\n")
-        print(f"{path.stem:<24} {seconds:7.1f} s")
-    print(f"{'notebooks':<24} {time.perf_counter() - total:7.1f} s in all ({profile} profile)")
+    if not execute_notebooks(root, sources, parameters, rerun, jobs):
+        return 1
     return build_html_book(root) if build_html else 0
+
+
+def execute_notebooks(root: Path, sources: dict[Path, Any], parameters: dict[str, Any], rerun: bool,
+                      jobs: int = JOBS) -> bool:
+    """Execute the notebooks that changed (all of them with ``rerun``) and those that need them,
+    ``jobs`` at once, each as soon as the ones it needs are done; whether all succeeded.
+
+    Among the notebooks ready to start, the one that most others wait on goes first, so the
+    long chain (data, stage 1, stage 2, baselines) never waits behind a side chapter; with
+    ``jobs=1`` they run in their order. After a failure no new notebook starts; those running
+    finish, then the failure is reported. A successful run records its wall time and what it
+    executed in ``book/notebooks/build.json`` (the benchmarks read it).
+    """
+    from papermill.exceptions import PapermillExecutionError
+
+    if jobs < 1:
+        raise ValueError(f"jobs must be 1 or more, not {jobs}")
+    needs, package = notebook_needs(sources), package_hash()
+    by_name = {path.stem: (path, nb) for path, nb in sources.items()}
+    outputs = {name: root / EXECUTED_DIR / f"{name}.ipynb" for name in by_name}
+    stamps = {name: fingerprint(path.read_text(), parameters, package) for name, (path, _) in by_name.items()}
+    (root / EXECUTED_DIR / BUILD_RECORD).unlink(missing_ok=True)  # written again once this run succeeds
+    order = list(by_name)  # jobs=1 keeps it; with more, what most notebooks wait on goes first
+    todo: list[str] = []
+    for name in order:  # in order, so that what a notebook needs is decided before it
+        stamp_file = outputs[name].with_suffix(".stamp")
+        unchanged = (outputs[name].exists() and stamp_file.exists()
+                     and stamp_file.read_text().strip() == stamps[name])
+        if rerun or not unchanged or any(need in todo for need in needs[name]):
+            todo.append(name)
+        else:
+            print(f"{name:<24} unchanged, skipped")
+    executed = list(todo)
+    waiters: dict[str, set[str]] = {name: set() for name in order}
+    for name in reversed(order):  # the notebooks that need it, directly or through others
+        for need in needs[name]:
+            waiters[need] |= {name} | waiters[name]
+    waiting_on = {name: len(waiters[name] & set(todo)) if jobs > 1 else 0 for name in todo}
+    failures: list[tuple[str, PapermillExecutionError]] = []
+    start = time.perf_counter()
+
+    def run(name: str) -> float:
+        outputs[name].with_suffix(".stamp").unlink(missing_ok=True)
+        seconds = execute(by_name[name][1], outputs[name], parameters, cwd=root, progress_bar=jobs == 1)
+        atomic_write_text(outputs[name].with_suffix(".stamp"), stamps[name] + "\n")
+        return seconds
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        running: dict[Any, str] = {}
+        while todo or running:
+            pending = {*todo, *running.values()}
+            ready = [name for name in todo if not pending.intersection(needs[name])]
+            while not failures and ready and len(running) < jobs:
+                name = max(ready, key=lambda n: (waiting_on[n], -order.index(n)))
+                ready.remove(name)
+                todo.remove(name)
+                if jobs > 1:
+                    print(f"{name:<24} started", flush=True)
+                running[pool.submit(run, name)] = name
+            if not running:
+                break  # a failure: nothing more starts
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                name = running.pop(future)
+                try:
+                    print(f"{name:<24} {future.result():7.1f} s", flush=True)
+                except PapermillExecutionError as err:
+                    failures.append((name, err))
+    for name, err in failures:
+        print(describe_failure(name, outputs[name], err, nb=by_name[name][1]), file=sys.stderr)
+    if failures:
+        note = mark_stale(root, f"notebook {failures[0][0]} failed")
+        if note:
+            print(f"  the previous HTML book was removed as out of date ({note})", file=sys.stderr)
+        return False
+    wall = time.perf_counter() - start
+    print(f"{'notebooks':<24} {wall:7.1f} s in all ({parameters['profile']} profile, {jobs} at once)")
+    record = {"profile": parameters["profile"], "jobs": jobs, "wall_s": round(wall, 2), "executed": executed,
+              "skipped": [name for name in order if name not in executed],
+              "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (root / EXECUTED_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / EXECUTED_DIR / BUILD_RECORD, json.dumps(record, indent=1) + "\n")
+    return True
 
 
 def build_html_book(root: Path) -> int:

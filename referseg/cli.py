@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from referseg.baselines import BASELINES  # the names only; no torch at import
+from referseg.book import JOBS
 from referseg.config import PROFILES, Profile, get_profile
 
 
@@ -182,7 +183,7 @@ def cmd_book(args: argparse.Namespace) -> int:
     if args.profile not in PROFILES:
         raise ValueError(f"unknown profile {args.profile!r}; valid profiles: {', '.join(PROFILES)}")
     return build_book(profile=args.profile, overrides=parse_overrides(args.set), student=args.student,
-                      force=args.force, build_html=not args.no_html)
+                      force=args.force, build_html=not args.no_html, jobs=args.jobs)
 
 
 # --- data fetch-referit-text, fetch-referit, check (referseg.data.fetch) ---------
@@ -357,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write the student edition (no solutions, no outputs) to student/ and check it runs")
     book.add_argument("--force", action="store_true", help="re-execute every notebook even if unchanged")
     book.add_argument("--no-html", action="store_true", help="execute the notebooks only")
+    book.add_argument("--jobs", type=int, default=JOBS,
+                      help=f"notebooks executed at once, each when those it needs are done (default: {JOBS}; "
+                           "1: one after the other)")
     book.set_defaults(func=cmd_book)
     return parser
 

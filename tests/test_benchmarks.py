@@ -193,6 +193,21 @@ def test_notebook_times_read_papermill_metadata(tmp_path):
     assert mixed["profiles"] == ["cpu", "smoke"] and not mixed["cpu_book"]
 
 
+def test_the_book_s_time_is_its_build_s_wall_clock_when_one_build_ran_every_notebook(tmp_path):
+    from referseg.book import BUILD_RECORD
+
+    write_executed(tmp_path / "01_data.ipynb", 40.0, "cpu")
+    write_executed(tmp_path / "02_text.ipynb", 30.0, "cpu")  # ran beside 01
+    record = {"jobs": 2, "wall_s": 41.5, "executed": ["01_data", "02_text"], "skipped": []}
+    (tmp_path / BUILD_RECORD).write_text(json.dumps(record))
+    times = suite.notebook_times(tmp_path)
+    assert times["total_s"] == pytest.approx(41.5) and times["notebook_s"] == pytest.approx(70.0)
+    assert times["jobs"] == 2 and times["measured"].startswith("wall clock of one build")
+    (tmp_path / BUILD_RECORD).write_text(json.dumps({**record, "executed": ["02_text"], "skipped": ["01_data"]}))
+    partial = suite.notebook_times(tmp_path)  # 01's time comes from an earlier build: no wall clock
+    assert partial["total_s"] == pytest.approx(70.0) and partial["jobs"] is None
+
+
 def test_gpu_code_path_runs_on_the_cpu(quick):
     """channels_last, bf16 autocast, a loader with a worker over pre-resized uint8 images (on the CPU here)."""
     profile = tiny_paper()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ import pytest
 from PIL import Image
 
 from referseg.book import (
+    BUILD_RECORD,
     HIDE_TAG,
     INJECTED_TAG,
     PARAMETERS,
@@ -32,6 +34,7 @@ from referseg.book import (
     hide_injected_parameters,
     lock_summary,
     lock_text,
+    notebook_needs,
     notebook_sources,
     package_hash,
     parameter_names,
@@ -102,6 +105,19 @@ never_reached = True
 '''
 
 
+def with_needs(source: str, needs: list[str]) -> str:
+    """A jupytext source with the header line ``referseg: {needs: [...]}``."""
+    header = ("# ---\n# jupyter:\n#   referseg:\n#     needs: [" + ", ".join(needs) + "]\n# ---\n\n")
+    return header + source
+
+
+def sleeping(seconds: float, name: str) -> str:
+    """A chapter that writes ``<run_dir>/<name>.txt`` after sleeping ``seconds``."""
+    return ("# %% [markdown]\n# # A slow chapter\n\n" + PARAMETERS_CELL
+            + f"\n# %%\nimport time\nfrom pathlib import Path\n\ntime.sleep({seconds})\n"
+              f"Path(run_dir, {name!r} + '.txt').write_text('done')\n")
+
+
 def make_project(dest: Path, notebooks: dict[str, str] | None = None) -> Path:
     """The book's config and prose copied into ``dest`` with the repository's notebooks and TOC,
     or with the given ``{name: jupytext source}`` notebooks and a TOC listing exactly those.
@@ -148,6 +164,27 @@ def test_every_notebook_has_a_parameters_cell():
         names = parameter_names(read_notebook(path))
         assert names is not None, f"{path.name} has no cell tagged 'parameters'"
         assert set(PARAMETERS) <= names, f"{path.name}: parameters cell lacks {set(PARAMETERS) - names}"
+
+
+def test_needs_default_to_every_earlier_notebook_and_name_only_earlier_ones(tmp_path):
+    sources = {tmp_path / f"{name}.py": None for name in ("01_a", "02_b", "03_c")}
+    for path, source in zip(sources, (TINY_NOTEBOOK, with_needs(TINY_NOTEBOOK, []), TINY_NOTEBOOK), strict=True):
+        path.write_text(source)
+    sources = {path: read_notebook(path) for path in sources}
+    assert notebook_needs(sources) == {"01_a": (), "02_b": (), "03_c": ("01_a", "02_b")}
+    later = tmp_path / "02_b.py"
+    later.write_text(with_needs(TINY_NOTEBOOK, ["03_c"]))
+    with pytest.raises(ValueError, match=r"02_b\.py: referseg\.needs names 03_c, which is not an earlier notebook"):
+        notebook_needs({path: read_notebook(path) for path in sources})
+
+
+def test_the_book_s_notebooks_declare_what_they_need():
+    """Every chapter but the appendix names what it reads; the chain the book's numbers flow
+    through is declared, and the chapters beside it need no more than the data."""
+    needs = notebook_needs({path: read_notebook(path) for path in notebook_sources(REPO)})
+    assert needs["01_data"] == () and needs["09_real_text"] == ()
+    assert needs["05_stage2_high_resolution"] == ("04_stage1_low_resolution",)
+    assert set(needs["99_appendix"]) == set(needs) - {"99_appendix"}
 
 
 def test_toc_lists_exactly_the_notebooks():
@@ -370,6 +407,37 @@ def test_unchanged_notebooks_are_skipped_and_changes_rerun_them(tmp_path):
 
 
 @pytest.mark.slow
+def test_notebooks_that_do_not_need_each_other_run_at_once(tmp_path):
+    root = make_project(tmp_path / "project", {
+        "01_first": sleeping(3, "first"), "02_beside": with_needs(sleeping(3, "beside"), []),
+        "03_after": with_needs(sleeping(0, "after"), ["01_first"])})
+    code, out = run_book(profile="smoke", root=root, build_html=False, jobs=2)
+    assert code == 0, out
+
+    def times(name: str) -> tuple[str, str]:
+        papermill = nbformat.read(root / "book" / "notebooks" / f"{name}.ipynb", as_version=4).metadata.papermill
+        return papermill.start_time, papermill.end_time
+
+    assert times("02_beside")[0] < times("01_first")[1], "the independent notebook waited"
+    assert times("03_after")[0] >= times("01_first")[1], "started before the notebook it needs ended"
+    record = json.loads((root / "book" / "notebooks" / BUILD_RECORD).read_text())
+    assert record["jobs"] == 2 and record["skipped"] == [] and set(record["executed"]) == {
+        "01_first", "02_beside", "03_after"}
+    assert record["wall_s"] < sum(
+        nbformat.read(root / "book" / "notebooks" / f"{n}.ipynb", as_version=4).metadata.papermill.duration
+        for n in record["executed"])
+
+    # an edit re-runs the notebook and those that need it, not the one beside it
+    source = root / "notebooks" / "01_first.py"
+    source.write_text(source.read_text() + "\n# %%\nprint('edited')\n")
+    code, out = run_book(profile="smoke", root=root, build_html=False, jobs=2)
+    assert code == 0 and "02_beside                unchanged, skipped" in out
+    assert re.search(r"^01_first +\d+\.\d s$", out, re.MULTILINE) and re.search(r"^03_after +\d+\.\d s$", out,
+                                                                                  re.MULTILINE)
+    assert json.loads((root / "book" / "notebooks" / BUILD_RECORD).read_text())["skipped"] == ["02_beside"]
+
+
+@pytest.mark.slow
 def test_student_edition_has_no_solutions_or_outputs_and_still_runs(tmp_path):
     root = make_project(tmp_path / "project", {"01_tiny": TINY_NOTEBOOK})
     teacher = read_notebook(root / "notebooks" / "01_tiny.py")
@@ -427,6 +495,18 @@ def test_every_notebook_runs_under_smoke_and_the_book_builds_without_warnings(bu
         assert (html / "book" / f"{page}.html").exists()
     bibliography = (html / "book" / "bibliography.html").read_text()
     assert "Segmentation from Natural Language Expressions" in bibliography
+
+
+@pytest.mark.slow
+def test_each_notebook_of_the_book_started_after_those_it_needs_ended(built_book):
+    root, code, _ = built_book
+    assert code == 0
+    needs = notebook_needs({path: read_notebook(path) for path in notebook_sources(root)})
+    meta = {name: nbformat.read(root / "book" / "notebooks" / f"{name}.ipynb", as_version=4).metadata.papermill
+            for name in needs}
+    for name, needed in needs.items():
+        for need in needed:
+            assert meta[name].start_time >= meta[need].end_time, f"{name} started before {need} ended"
 
 
 @pytest.mark.slow
