@@ -9,6 +9,7 @@
 #     language: python
 #     name: python3
 #   referseg:
+#     alone: true
 #     needs: [01_data]
 # ---
 

@@ -9,6 +9,7 @@
 #     language: python
 #     name: python3
 #   referseg:
+#     alone: true
 #     needs: [04_stage1_low_resolution]
 # ---
 

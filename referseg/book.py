@@ -8,7 +8,8 @@ Conventions the notebooks follow (``notebooks/NN_name.py``, jupytext py:percent)
   ones whose files it reads in its header, ``referseg: {needs: [01_data]}`` (jupytext
   metadata; without it, it needs every earlier one). When one re-runs, every notebook that
   needs it re-runs too, and notebooks that do not need each other run side by side
-  (``jobs`` at once, two by default: the book's two cores);
+  (``jobs`` at once, two by default: the book's two cores), except beside one marked
+  ``referseg: {alone: true}`` (it trains on every core);
 - exercise solutions are cells tagged ``solution`` (code cells also ``hide-cell`` so the
   book folds them; markdown ones are a ``{admonition}`` with ``:class: dropdown``). The
   student edition replaces them with a placeholder and clears every output.
@@ -19,13 +20,14 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import queue
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +188,15 @@ def notebook_needs(sources: dict[Path, Any]) -> dict[str, tuple[str, ...]]:
     return needs
 
 
+def runs_alone(nb: Any, path: Path) -> bool:
+    """``referseg: {alone: true}`` in a notebook's header: it keeps every core busy (it trains), so
+    no other notebook starts beside it."""
+    alone = nb.metadata.get("referseg", {}).get("alone", False)
+    if not isinstance(alone, bool):
+        raise ValueError(f"{path}: referseg.alone must be true or false, not {alone!r}")
+    return alone
+
+
 def check_data(profile: Profile, root: Path) -> None:
     """Stop before the first notebook when the profile needs ReferIt and it is not there (cheap file checks)."""
     if profile.dataset != "referit":
@@ -306,10 +317,12 @@ def execute_notebooks(root: Path, sources: dict[Path, Any], parameters: dict[str
     ``jobs`` at once, each as soon as the ones it needs are done; whether all succeeded.
 
     Among the notebooks ready to start, the one that most others wait on goes first, so the
-    long chain (data, stage 1, stage 2, baselines) never waits behind a side chapter; with
+    long chain (data, stage 1, stage 2, baselines) never waits behind a side chapter; nothing
+    starts beside a notebook marked ``alone`` (training, which keeps both cores busy); with
     ``jobs=1`` they run in their order. After a failure no new notebook starts; those running
-    finish, then the failure is reported. A successful run records its wall time and what it
-    executed in ``book/notebooks/build.json`` (the benchmarks read it).
+    finish, then the failure is reported. Ctrl-C stops the build at once (the kernels end with
+    it). A successful run records its wall time and what it executed in
+    ``book/notebooks/build.json`` (the benchmarks read it).
     """
     from papermill.exceptions import PapermillExecutionError
 
@@ -336,38 +349,54 @@ def execute_notebooks(root: Path, sources: dict[Path, Any], parameters: dict[str
         for need in needs[name]:
             waiters[need] |= {name} | waiters[name]
     waiting_on = {name: len(waiters[name] & set(todo)) if jobs > 1 else 0 for name in todo}
-    failures: list[tuple[str, PapermillExecutionError]] = []
+    alone = {name for name in todo if runs_alone(by_name[name][1], by_name[name][0])}
+    failures: list[tuple[str, BaseException]] = []
+    finished: queue.Queue = queue.Queue()
+    running: set[str] = set()
     start = time.perf_counter()
 
-    def run(name: str) -> float:
-        outputs[name].with_suffix(".stamp").unlink(missing_ok=True)
-        seconds = execute(by_name[name][1], outputs[name], parameters, cwd=root, progress_bar=jobs == 1)
-        atomic_write_text(outputs[name].with_suffix(".stamp"), stamps[name] + "\n")
-        return seconds
+    def run(name: str) -> None:
+        """In a daemon thread: Ctrl-C ends the build at once, and the kernels end with it."""
+        try:
+            outputs[name].with_suffix(".stamp").unlink(missing_ok=True)
+            seconds = execute(by_name[name][1], outputs[name], parameters, cwd=root, progress_bar=jobs == 1)
+            atomic_write_text(outputs[name].with_suffix(".stamp"), stamps[name] + "\n")
+            finished.put((name, seconds, None))
+        except BaseException as err:  # reported by the main thread
+            finished.put((name, None, err))
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        running: dict[Any, str] = {}
+    try:
         while todo or running:
-            pending = {*todo, *running.values()}
-            ready = [name for name in todo if not pending.intersection(needs[name])]
-            while not failures and ready and len(running) < jobs:
-                name = max(ready, key=lambda n: (waiting_on[n], -order.index(n)))
-                ready.remove(name)
+            pending = {*todo, *running}
+            ready = sorted((name for name in todo if not pending.intersection(needs[name])),
+                           key=lambda n: (-waiting_on[n], order.index(n)))
+            # the first ready notebooks, while a lane is free; nothing starts beside one that runs
+            # alone (it may itself start beside one that is finishing)
+            while not failures and ready and len(running) < jobs and not running & alone:
+                name = ready.pop(0)
                 todo.remove(name)
+                running.add(name)
                 if jobs > 1:
                     print(f"{name:<24} started", flush=True)
-                running[pool.submit(run, name)] = name
+                threading.Thread(target=run, args=(name,), name=f"notebook {name}", daemon=True).start()
             if not running:
                 break  # a failure: nothing more starts
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                name = running.pop(future)
-                try:
-                    print(f"{name:<24} {future.result():7.1f} s", flush=True)
-                except PapermillExecutionError as err:
-                    failures.append((name, err))
+            name, seconds, err = finished.get()
+            running.discard(name)
+            if err is None:
+                print(f"{name:<24} {seconds:7.1f} s", flush=True)
+            else:
+                failures.append((name, err))
+    except KeyboardInterrupt:
+        if running:
+            print(f"\nstopped unfinished: {', '.join(sorted(running))} (re-run by the next build; finished "
+                  "notebooks are skipped, and training resumes from its checkpoints)", file=sys.stderr)
+        raise
     for name, err in failures:
-        print(describe_failure(name, outputs[name], err, nb=by_name[name][1]), file=sys.stderr)
+        if isinstance(err, PapermillExecutionError):
+            print(describe_failure(name, outputs[name], err, nb=by_name[name][1]), file=sys.stderr)
+        else:
+            print(f"error: notebook {name} could not run: {type(err).__name__}: {err}", file=sys.stderr)
     if failures:
         note = mark_stale(root, f"notebook {failures[0][0]} failed")
         if note:

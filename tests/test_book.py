@@ -438,6 +438,54 @@ def test_notebooks_that_do_not_need_each_other_run_at_once(tmp_path):
 
 
 @pytest.mark.slow
+def test_nothing_starts_beside_a_notebook_that_runs_alone(tmp_path):
+    trains = sleeping(2, "trains").replace("# %% [markdown]", "# ---\n# jupyter:\n#   referseg:\n"
+                                          "#     alone: true\n# ---\n\n# %% [markdown]", 1)
+    root = make_project(tmp_path / "project", {"01_trains": trains, "02_side": with_needs(sleeping(0, "side"), [])})
+    code, out = run_book(profile="smoke", root=root, build_html=False, jobs=2)
+    assert code == 0, out
+    meta = {name: nbformat.read(root / "book" / "notebooks" / f"{name}.ipynb", as_version=4).metadata.papermill
+            for name in ("01_trains", "02_side")}
+    assert meta["02_side"].start_time >= meta["01_trains"].end_time
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_build_at_once_and_its_kernels_with_it(tmp_path):
+    import os
+    import signal
+    import time
+
+    slow = ("# %% [markdown]\n# # Slow\n\n" + PARAMETERS_CELL + "\n# %%\nimport os\nimport time\n"
+            "from pathlib import Path\n\nPath(run_dir, f'pid-{os.getpid()}').touch()\ntime.sleep(300)\n")
+    root = make_project(tmp_path / "project", {"01_slow": slow, "02_beside": with_needs(slow, [])})
+    script = ("import sys\nfrom referseg.book import build_book\ntry:\n"
+              f"    build_book(profile='smoke', root={str(root)!r}, build_html=False)\n"
+              "except KeyboardInterrupt:\n    sys.exit(130)\n")
+    build = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while (len(kernels := list((root / "runs" / "smoke").glob("pid-*"))) < 2 and time.monotonic() < deadline
+           and build.poll() is None):
+        time.sleep(0.2)
+    assert len(kernels) == 2, build.communicate()  # both notebooks are running
+    sent = time.monotonic()
+    build.send_signal(signal.SIGINT)
+    _, err = build.communicate(timeout=60)
+    assert build.returncode == 130 and time.monotonic() - sent < 30, err
+    assert "stopped unfinished: 01_slow, 02_beside" in err
+    for kernel in (int(path.name.removeprefix("pid-")) for path in kernels):
+        for _ in range(50):  # each kernel notices that its parent is gone
+            try:
+                os.kill(kernel, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"kernel {kernel} still runs after the build was interrupted")
+    assert not list((root / "book" / "notebooks").glob("*.stamp")), "an interrupted notebook counts as done"
+
+
+@pytest.mark.slow
 def test_student_edition_has_no_solutions_or_outputs_and_still_runs(tmp_path):
     root = make_project(tmp_path / "project", {"01_tiny": TINY_NOTEBOOK})
     teacher = read_notebook(root / "notebooks" / "01_tiny.py")
