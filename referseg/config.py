@@ -395,12 +395,12 @@ CPU = Profile(
     d_text=256,
     d_cls=128,
     # Learning rates, init and stage 0 chosen on validation by `make sweep` (referseg.sweep,
-    # book/results/sweep_cpu.json; seed 0, val overall IoU %). Stage 1 from scratch, PyTorch
-    # init: lr 0.01 -> 0.0, 0.03 -> 36.2, 0.1 -> 49.5, 0.3 -> 51.2; from stage 0: 34.0, 35.2,
-    # 38.9, 37.9; official init at 0.3: 44.1, from stage 0 23.5. SPEC 5's 0.01 leaves the
-    # stage-1 logits below 0 in ~2k iterations (48k in SPEC). Stage 2 after that stage 1:
-    # lr 0.01 -> 54.6, 0.03 -> 55.5, 0.1 -> 56.2 (things 34.3 / 34.9 / 35.4, stuff 80.4 /
-    # 82.0 / 83.3). Same step schedule (x0.1) and SPEC 5 pos/neg weights.
+    # book/results/sweep_cpu.json; SynthRef version 2, seed 0, val overall IoU %). Stage 1 from
+    # scratch, PyTorch init: lr 0.01 -> 0.0, 0.03 -> 36.1, 0.1 -> 49.4, 0.3 -> 51.1; from stage
+    # 0: 35.0, 40.8, 47.7, 34.8; official init at 0.3: 44.4, from stage 0 42.2. SPEC 5's 0.01
+    # leaves the stage-1 logits below 0 in ~2k iterations (48k in SPEC). Stage 2 after that
+    # stage 1: lr 0.01 -> 54.1, 0.03 -> 55.0, 0.1 -> 55.6 (things 33.6 / 34.3 / 34.7, stuff
+    # 79.5 / 81.3 / 82.6). Same step schedule (x0.1) and SPEC 5 pos/neg weights.
     stage1=StageConfig(iterations=1500, lr=0.3, lr_step=1000),
     stage2=StageConfig(iterations=600, lr=0.1, lr_step=400, neg_weight=1 / 3),
     # Stage 0 (optional; the sweep above keeps pretrain=False): crops at 64, a 4 x 4 map for the
