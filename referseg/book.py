@@ -321,8 +321,9 @@ def execute_notebooks(root: Path, sources: dict[Path, Any], parameters: dict[str
     starts beside a notebook marked ``alone`` (training, which keeps both cores busy); with
     ``jobs=1`` they run in their order. After a failure no new notebook starts; those running
     finish, then the failure is reported. Ctrl-C stops the build at once (the kernels end with
-    it). A successful run records its wall time and what it executed in
-    ``book/notebooks/build.json`` (the benchmarks read it).
+    it). A successful run that executed anything records its wall time, what it executed and
+    what it skipped in ``book/notebooks/build.json`` (the benchmarks read it); one that only
+    skipped leaves the record of the build that made the notebooks.
     """
     from papermill.exceptions import PapermillExecutionError
 
@@ -332,7 +333,6 @@ def execute_notebooks(root: Path, sources: dict[Path, Any], parameters: dict[str
     by_name = {path.stem: (path, nb) for path, nb in sources.items()}
     outputs = {name: root / EXECUTED_DIR / f"{name}.ipynb" for name in by_name}
     stamps = {name: fingerprint(path.read_text(), parameters, package) for name, (path, _) in by_name.items()}
-    (root / EXECUTED_DIR / BUILD_RECORD).unlink(missing_ok=True)  # written again once this run succeeds
     order = list(by_name)  # jobs=1 keeps it; with more, what most notebooks wait on goes first
     todo: list[str] = []
     for name in order:  # in order, so that what a notebook needs is decided before it
@@ -344,6 +344,10 @@ def execute_notebooks(root: Path, sources: dict[Path, Any], parameters: dict[str
         else:
             print(f"{name:<24} unchanged, skipped")
     executed = list(todo)
+    if not executed:  # the record still describes the build that made these notebooks
+        print(f"{'notebooks':<24} all unchanged ({parameters['profile']} profile)")
+        return True
+    (root / EXECUTED_DIR / BUILD_RECORD).unlink(missing_ok=True)  # written again once this run succeeds
     waiters: dict[str, set[str]] = {name: set() for name in order}
     for name in reversed(order):  # the notebooks that need it, directly or through others
         for need in needs[name]:

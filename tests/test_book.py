@@ -434,7 +434,13 @@ def test_notebooks_that_do_not_need_each_other_run_at_once(tmp_path):
     assert code == 0 and "02_beside                unchanged, skipped" in out
     assert re.search(r"^01_first +\d+\.\d s$", out, re.MULTILINE) and re.search(r"^03_after +\d+\.\d s$", out,
                                                                                   re.MULTILINE)
-    assert json.loads((root / "book" / "notebooks" / BUILD_RECORD).read_text())["skipped"] == ["02_beside"]
+    second = json.loads((root / "book" / "notebooks" / BUILD_RECORD).read_text())
+    assert second["skipped"] == ["02_beside"]
+
+    # a build that runs nothing keeps the record of the one that made the notebooks
+    code, out = run_book(profile="smoke", root=root, build_html=False, jobs=2)
+    assert code == 0 and out.count("unchanged, skipped") == 3
+    assert json.loads((root / "book" / "notebooks" / BUILD_RECORD).read_text()) == second
 
 
 @pytest.mark.slow
