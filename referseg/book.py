@@ -330,15 +330,16 @@ def execute_notebooks(root: Path, sources: dict[Path, Any], parameters: dict[str
     if jobs < 1:
         raise ValueError(f"jobs must be 1 or more, not {jobs}")
     needs, package = notebook_needs(sources), package_hash()
+    alone = {path.stem for path, nb in sources.items() if runs_alone(nb, path)}  # checks every header
     by_name = {path.stem: (path, nb) for path, nb in sources.items()}
     outputs = {name: root / EXECUTED_DIR / f"{name}.ipynb" for name in by_name}
+    stamp_files = {name: output.with_suffix(".stamp") for name, output in outputs.items()}
     stamps = {name: fingerprint(path.read_text(), parameters, package) for name, (path, _) in by_name.items()}
     order = list(by_name)  # jobs=1 keeps it; with more, what most notebooks wait on goes first
     todo: list[str] = []
     for name in order:  # in order, so that what a notebook needs is decided before it
-        stamp_file = outputs[name].with_suffix(".stamp")
-        unchanged = (outputs[name].exists() and stamp_file.exists()
-                     and stamp_file.read_text().strip() == stamps[name])
+        unchanged = (outputs[name].exists() and stamp_files[name].exists()
+                     and stamp_files[name].read_text().strip() == stamps[name])
         if rerun or not unchanged or any(need in todo for need in needs[name]):
             todo.append(name)
         else:
@@ -353,7 +354,6 @@ def execute_notebooks(root: Path, sources: dict[Path, Any], parameters: dict[str
         for need in needs[name]:
             waiters[need] |= {name} | waiters[name]
     waiting_on = {name: len(waiters[name] & set(todo)) if jobs > 1 else 0 for name in todo}
-    alone = {name for name in todo if runs_alone(by_name[name][1], by_name[name][0])}
     failures: list[tuple[str, BaseException]] = []
     finished: queue.Queue = queue.Queue()
     running: set[str] = set()
@@ -362,9 +362,9 @@ def execute_notebooks(root: Path, sources: dict[Path, Any], parameters: dict[str
     def run(name: str) -> None:
         """In a daemon thread: Ctrl-C ends the build at once, and the kernels end with it."""
         try:
-            outputs[name].with_suffix(".stamp").unlink(missing_ok=True)
+            stamp_files[name].unlink(missing_ok=True)
             seconds = execute(by_name[name][1], outputs[name], parameters, cwd=root, progress_bar=jobs == 1)
-            atomic_write_text(outputs[name].with_suffix(".stamp"), stamps[name] + "\n")
+            atomic_write_text(stamp_files[name], stamps[name] + "\n")
             finished.put((name, seconds, None))
         except BaseException as err:  # reported by the main thread
             finished.put((name, None, err))
@@ -411,7 +411,6 @@ def execute_notebooks(root: Path, sources: dict[Path, Any], parameters: dict[str
     record = {"profile": parameters["profile"], "jobs": jobs, "wall_s": round(wall, 2), "executed": executed,
               "skipped": [name for name in order if name not in executed],
               "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (root / EXECUTED_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / EXECUTED_DIR / BUILD_RECORD, json.dumps(record, indent=1) + "\n")
     return True
 
